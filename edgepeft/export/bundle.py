@@ -1,0 +1,228 @@
+"""`export`: compile a torch model plus a PEFT spec into an on-device training bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import edgepeft
+from edgepeft import manifest as mf
+from edgepeft.errors import ExportError
+from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers
+from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
+from edgepeft.export.quantize import quantize_initializers_
+from edgepeft.export.spec import ExportOptions, LoraSpec
+from edgepeft.fileio import atomic_directory, sha256_file
+
+logger = logging.getLogger(__name__)
+
+_BUILTIN_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def export(
+    model: nn.Module | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    lora: LoraSpec = LoraSpec(),
+    options: ExportOptions = ExportOptions(),
+    loss_fn: nn.Module | None = None,
+    example_labels: torch.Tensor | None = None,
+    overwrite: bool = False,
+) -> mf.Manifest:
+    """Compile `model` with LoRA into a training bundle at `output_dir` and return its manifest.
+
+    `model` is a `torch.nn.Module` (then `example_inputs` names and shapes its inputs) or the directory
+    of a Hugging Face transformers sequence-classification model (then `options.labels` names the
+    classes and a new head is trained). The bundle is written all at once: on any error nothing is left.
+
+    Raises:
+        ExportError: the model, spec or options cannot be compiled (the message names the problem).
+        FileExistsError: `output_dir` exists and is not empty, and `overwrite` is False.
+    """
+    if (options.loss == "custom") != (loss_fn is not None):
+        raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
+    loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
+    with atomic_directory(output_dir, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if isinstance(model, nn.Module):
+            if not example_inputs:
+                raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
+            adapted = add_lora(model, lora)
+            trainable = list(adapted.adapter_keys)
+            forward = export_module(adapted.module, dict(example_inputs), work / "forward.onnx", trainable, options.opset)
+            with torch.no_grad():
+                example_output = adapted.module(*example_inputs.values())
+            labels = options.labels
+        else:
+            source = Path(model)
+            adapted, labels, example_inputs = _load_transformers(source, lora, options, out)
+            trainable = list(adapted.adapter_keys)
+            forward = export_transformers(adapted.module, "text-classification", work / "forward.onnx", trainable, options.opset)
+            with torch.no_grad():
+                example_output = adapted.module(**example_inputs).logits
+        if not isinstance(example_output, torch.Tensor):
+            raise ExportError(f"the model must return one tensor, got {type(example_output).__name__}")
+        if example_labels is None:
+            example_labels = _default_labels(options.loss, example_output)
+
+        frozen = [i.name for i in forward.graph.initializer if i.name in _parameter_names(adapted.module) and i.name not in trainable]
+        fingerprint = _fingerprint(forward, frozen)
+        quantized: list[str] = []
+        if options.quantization == "int8":
+            held = {i.name for i in forward.graph.initializer}
+            to_quantize = [n for n in frozen_weight_names(adapted.module) if n in held]
+            new_names = quantize_initializers_(forward, to_quantize)
+            frozen = [n for n in frozen if n not in set(to_quantize)] + new_names
+            quantized = to_quantize
+        onnx.save(forward, str(out / mf.INFERENCE_MODEL))
+
+        full = attach_loss(forward, loss_module, example_output, example_labels, work, options.opset)
+        _generate_artifacts(full, trainable, frozen, options.optimizer, out)
+        _write_adapter_config(adapted, out)
+
+        manifest = mf.Manifest(
+            inputs=tuple(_spec(v) for v in forward.graph.input if v.name not in {i.name for i in forward.graph.initializer}),
+            outputs=tuple(_spec(v) for v in forward.graph.output),
+            label=_label_spec(example_labels),
+            loss=options.loss,
+            optimizer=options.optimizer,
+            quantization=options.quantization,
+            trainable=tuple(
+                mf.ParamSpec(name, adapted.adapter_keys[name], tuple(adapted.module.get_parameter(name).shape))
+                for name in trainable
+            ),
+            base_fingerprint=fingerprint,
+            files={},
+            peft_config=adapted.peft_config,
+            labels=tuple(labels),
+            max_length=options.max_length if (out / mf.TOKENIZER).exists() else None,
+            versions=_versions(),
+            stats={
+                "trainable_parameters": int(sum(adapted.module.get_parameter(n).numel() for n in trainable)),
+                "quantized_weights": len(quantized),
+            },
+        )
+        manifest = replace(manifest, files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()})
+        manifest.save(out)
+    logger.info("bundle written to %s", output_dir)
+    return manifest
+
+
+def _load_transformers(
+    source: Path, lora: LoraSpec, options: ExportOptions, out: Path
+) -> tuple[Adapted, tuple[str, ...], dict[str, torch.Tensor]]:
+    """Load a transformers classifier offline, add LoRA, and save its tokenizer into the bundle."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (source / "config.json").is_file():
+        raise ExportError(f"{source} is not a transformers model directory (no config.json)")
+    if not options.labels:
+        raise ExportError("a transformers classifier needs `labels`: the class names, in order")
+    labels = options.labels
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=options.max_length)
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=None)
+    backend.save(str(out / mf.TOKENIZER))
+    adapted = add_lora(model, lora, task_type="SEQ_CLS")
+    adapted.peft_config["base_model_name_or_path"] = str(source)
+    example = tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt")
+    return adapted, labels, dict(example)
+
+
+def _default_labels(loss: str, output: torch.Tensor) -> torch.Tensor:
+    if loss == "cross_entropy":
+        if output.dim() != 2:
+            raise ExportError(f"cross_entropy needs a (batch, classes) output, the model gives {tuple(output.shape)}")
+        return torch.zeros(output.shape[0], dtype=torch.int64)
+    if loss in ("mse", "bce"):
+        return torch.zeros_like(output)
+    raise ExportError("a custom loss needs `example_labels`")
+
+
+def _parameter_names(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters()}
+
+
+def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
+    """sha256 of the frozen fp32 weights the graph holds, taken before quantization."""
+    digest = hashlib.sha256()
+    initializers = {i.name: i for i in model.graph.initializer}
+    for name in sorted(frozen):
+        array = np.ascontiguousarray(numpy_helper.to_array(initializers[name]))
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _generate_artifacts(model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path) -> None:
+    import onnxruntime
+    from onnxruntime.training import artifacts
+
+    optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        artifacts.generate_artifacts(
+            model, requires_grad=trainable, frozen_params=frozen, loss=None, optimizer=optim, artifact_directory=out
+        )
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime could not build the training graph: {str(e).splitlines()[0][:500]}") from None
+
+
+def _write_adapter_config(adapted: Adapted, out: Path) -> None:
+    import json
+
+    (out / mf.ADAPTER_CONFIG).write_text(json.dumps(adapted.peft_config, indent=2, sort_keys=True) + "\n")
+
+
+def _spec(value: onnx.ValueInfoProto) -> mf.TensorSpec:
+    tensor = value.type.tensor_type
+    dtype = _ONNX_DTYPES.get(tensor.elem_type)
+    if dtype is None:
+        raise ExportError(f"graph value {value.name!r} has unsupported element type {tensor.elem_type}")
+    shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
+    return mf.TensorSpec(value.name, dtype, shape)
+
+
+def _label_spec(labels: torch.Tensor) -> mf.TensorSpec:
+    dtype = str(labels.dtype).removeprefix("torch.")
+    shape = ("batch", *labels.shape[1:])
+    return mf.TensorSpec(LABELS_INPUT, dtype, shape)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import peft
+
+    return {
+        "edgepeft": edgepeft.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "peft": peft.__version__,
+    }

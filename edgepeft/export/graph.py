@@ -1,0 +1,210 @@
+"""Trace a LoRA-wrapped torch model and its loss into one ONNX graph that ORT can differentiate."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgepeft.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+LOSS_OUTPUT = "loss"
+LABELS_INPUT = "labels"
+
+
+def export_module(
+    module: nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    path: Path,
+    trainable: list[str],
+    opset: int,
+) -> onnx.ModelProto:
+    """Export a plain module (eval mode, dynamic batch) with output name "output"."""
+    dynamic_axes = {name: {0: "batch"} for name in example_inputs}
+    dynamic_axes["output"] = {0: "batch"}
+
+    def run_export() -> None:
+        torch.onnx.export(
+            module,
+            tuple(example_inputs.values()),
+            str(path),
+            input_names=list(example_inputs),
+            output_names=["output"],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=False,
+            export_params=True,
+            dynamo=False,
+        )
+
+    return _export(module, run_export, path, trainable)
+
+
+def export_transformers(module: nn.Module, task: str, path: Path, trainable: list[str], opset: int) -> onnx.ModelProto:
+    """Export a transformers model through optimum's exporter (its input names and dynamic axes)."""
+    from optimum.exporters.onnx.convert import export_pytorch
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model=module, task=task, library_name="transformers"
+        )
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"optimum cannot export {type(module).__name__} for task {task!r}: {e}") from None
+    onnx_config = constructor(module.config)
+    return _export(
+        module,
+        lambda: export_pytorch(module, onnx_config, opset, path, do_constant_folding=False),
+        path,
+        trainable,
+    )
+
+
+def _export(module: nn.Module, run_export, path: Path, trainable: list[str]) -> onnx.ModelProto:
+    module.eval()
+    with torch.no_grad(), _distinct_values(module, trainable) as true_values, _lora_dropout_kept(module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_export()
+    model = onnx.load(str(path))
+    _write_back(model, true_values)
+    _add_layernorm_stat_outputs(model)
+    return model
+
+
+@contextlib.contextmanager
+def _distinct_values(module: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Give trainable tensors distinct random values while tracing.
+
+    The exporter merges initializers with equal values (every all-zero lora_B would become one shared
+    tensor); the true values are written back into the ONNX initializers afterwards.
+    """
+    saved = {name: module.get_parameter(name).detach().clone() for name in names}
+    generator = torch.Generator().manual_seed(0)
+    for name in names:
+        p = module.get_parameter(name)
+        p.copy_(torch.rand(p.shape, generator=generator) + 1.0)
+    try:
+        yield saved
+    finally:
+        for name, value in saved.items():
+            module.get_parameter(name).copy_(value)
+
+
+class _TrainingDropout(nn.Module):
+    """Dropout that stays a Dropout node in an eval-mode trace; ORT turns it off in the eval model."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.p, training=True)
+
+
+@contextlib.contextmanager
+def _lora_dropout_kept(module: nn.Module) -> Iterator[None]:
+    swapped = []
+    for sub in module.modules():
+        dropouts = getattr(sub, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for key, drop in list(dropouts.items()):
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    dropouts[key] = _TrainingDropout(drop.p)
+                    swapped.append((dropouts, key, drop))
+    try:
+        yield
+    finally:
+        for dropouts, key, drop in swapped:
+            dropouts[key] = drop
+
+
+def _write_back(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> None:
+    initializers = {init.name: init for init in model.graph.initializer}
+    missing = [name for name in values if name not in initializers]
+    if missing:
+        raise ExportError(f"trainable parameters not used by the exported graph: {missing[:5]}")
+    for name, value in values.items():
+        initializers[name].CopyFrom(numpy_helper.from_array(value.cpu().numpy(), name))
+
+
+def _add_layernorm_stat_outputs(model: onnx.ModelProto) -> None:
+    """ORT's LayerNormalization gradient needs the optional Mean and InvStdDev outputs (opset 17+)."""
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}/mean", f"{node.output[0]}/inv_std_dev"])
+
+
+class _LossOf(nn.Module):
+    def __init__(self, loss_fn: nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, labels)
+
+
+def attach_loss(
+    forward: onnx.ModelProto,
+    loss_fn: nn.Module,
+    example_output: torch.Tensor,
+    example_labels: torch.Tensor,
+    work_dir: Path,
+    opset: int,
+) -> onnx.ModelProto:
+    """Trace `loss_fn(output, labels)` and join it to `forward`: outputs become (loss, model output)."""
+    output_name = forward.graph.output[0].name
+    path = work_dir / "loss.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _LossOf(loss_fn).eval(),
+                (example_output, example_labels),
+                str(path),
+                input_names=["loss_input", LABELS_INPUT],
+                output_names=[LOSS_OUTPUT],
+                dynamic_axes={"loss_input": {0: "batch"}, LABELS_INPUT: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=False,
+                dynamo=False,
+            )
+    except Exception as e:  # the user's loss module may not trace
+        raise ExportError(f"the loss {type(loss_fn).__name__} could not be exported to ONNX: {e}") from None
+    loss_model = onnx.load(str(path))
+    if loss_model.ir_version != forward.ir_version:
+        loss_model.ir_version = forward.ir_version
+    clashes = {v.name for v in loss_model.graph.input} & {v.name for v in forward.graph.input}
+    if clashes:
+        raise ExportError(f"model inputs {sorted(clashes)} clash with the loss's input names")
+    merged = onnx.compose.merge_models(
+        forward,
+        loss_model,
+        io_map=[(output_name, "loss_input")],
+        prefix2="loss/",
+        outputs=[f"loss/{LOSS_OUTPUT}", output_name],
+    )
+    _rename(merged, {f"loss/{LOSS_OUTPUT}": LOSS_OUTPUT, f"loss/{LABELS_INPUT}": LABELS_INPUT})
+    # ORT builds the gradient from the first graph output: the loss goes first.
+    outputs = sorted(merged.graph.output, key=lambda v: v.name != LOSS_OUTPUT)
+    del merged.graph.output[:]
+    merged.graph.output.extend(outputs)
+    return merged
+
+
+def _rename(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output):
+        value.name = mapping.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]

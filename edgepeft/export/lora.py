@@ -1,0 +1,84 @@
+"""Add the trainable parts to a torch model with Hugging Face PEFT, and name them as PEFT does."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import peft
+import torch
+from torch import nn
+
+from edgepeft.errors import ExportError
+from edgepeft.export.spec import LoraSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Adapted:
+    """A model with LoRA injected: the module to export and how its trainable tensors are named."""
+
+    peft_model: peft.PeftModel
+    module: nn.Module  # peft_model.base_model.model: what the ONNX graph is traced from
+    adapter_keys: dict[str, str]  # parameter name in `module` (and in ONNX) -> key in adapter_model.safetensors
+    peft_config: dict[str, Any]  # adapter_config.json contents
+
+
+def add_lora(model: nn.Module, spec: LoraSpec, task_type: str | None = None) -> Adapted:
+    """Wrap `model` with LoRA per `spec`; freeze everything else. The model is modified in place."""
+    config = peft.LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules) if not isinstance(spec.target_modules, str) else spec.target_modules,
+        bias=spec.bias,
+        modules_to_save=list(spec.modules_to_save) or None,
+        task_type=task_type,
+    )
+    try:
+        peft_model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        message = str(e).splitlines()[0]
+        if "not found in the base model" in message or "not supported" in message:
+            candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if _adaptable(m)})
+            raise ExportError(f"{message} Adaptable module names here: {candidates[:20]}") from None
+        raise ExportError(f"PEFT rejected the LoRA spec: {message}") from None
+    missing = [m for m in spec.modules_to_save if not any(n == m or n.endswith("." + m) for n, _ in model.named_modules())]
+    if missing:
+        raise ExportError(f"modules_to_save {missing} match no module of the model")
+
+    module = peft_model.base_model.model
+    by_pointer = {p.data_ptr(): n for n, p in module.named_parameters() if p.requires_grad}
+    adapter_keys: dict[str, str] = {}
+    for key, tensor in peft.get_peft_model_state_dict(peft_model).items():
+        name = by_pointer.get(tensor.data_ptr())
+        if name is not None:
+            adapter_keys[name] = key
+    unmapped = sorted(set(by_pointer.values()) - set(adapter_keys))
+    if unmapped:
+        raise ExportError(f"trainable parameters with no place in a PEFT adapter: {unmapped[:5]}")
+    trainable = sum(module.get_parameter(n).numel() for n in adapter_keys)
+    logger.info("LoRA added: %d trainable tensors, %d parameters", len(adapter_keys), trainable)
+    return Adapted(peft_model, module, adapter_keys, _config_dict(peft_model.peft_config["default"]))
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
+
+
+def _config_dict(config: peft.LoraConfig) -> dict[str, Any]:
+    """adapter_config.json as PEFT writes it (sets become lists, enums their values)."""
+    data = config.to_dict()
+    return json.loads(json.dumps(data, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def frozen_weight_names(module: nn.Module) -> list[str]:
+    """Names of frozen Linear, Conv and Embedding weights: the tensors worth storing as int8."""
+    names = []
+    for name, sub in module.named_modules():
+        if _adaptable(sub) and not sub.weight.requires_grad and sub.weight.dtype == torch.float32:
+            names.append(f"{name}.weight" if name else "weight")
+    return names

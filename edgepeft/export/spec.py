@@ -1,0 +1,71 @@
+"""The PEFT spec and export options: small validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgepeft.errors import ExportError
+from edgepeft.manifest import LOSSES, OPTIMIZERS, QUANTIZATIONS
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which parts of the model train: LoRA matrices, biases, and whole extra modules.
+
+    `target_modules` is a list of module names (matched on the name's last parts, as PEFT does) or one
+    regular expression matched against the full module name.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("query", "value")
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ExportError(f"LoRA rank `r` must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ExportError(f"LoRA `alpha` must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExportError(f"LoRA `dropout` must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ExportError(f"`bias` must be one of {BIAS_MODES}, got {self.bias!r}")
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ExportError("`target_modules` is empty: name at least one module to adapt")
+        elif not self.target_modules:
+            raise ExportError("`target_modules` is an empty pattern")
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the bundle is compiled: loss, optimizer, backbone quantization, text length."""
+
+    loss: str = "cross_entropy"
+    optimizer: str = "adamw"
+    quantization: str = "int8"
+    max_length: int = 128
+    opset: int = 17
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ExportError(f"`loss` must be one of {LOSSES} ('custom' with a torch loss module), got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ExportError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ExportError(f"`quantization` must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.max_length <= 0:
+            raise ExportError(f"`max_length` must be positive, got {self.max_length!r}")
+        if self.opset < 14:
+            raise ExportError(f"`opset` must be at least 14, got {self.opset!r}")
+        labels = tuple(str(label) for label in self.labels)
+        if len(set(labels)) != len(labels):
+            raise ExportError(f"`labels` holds duplicates: {labels}")
+        object.__setattr__(self, "labels", labels)

@@ -1,0 +1,16 @@
+"""The device runtime: numpy and ONNX Runtime's training API only. Never imports torch."""
+
+from edgepeft.runtime.bundle import Bundle, open_bundle
+from edgepeft.runtime.data import Dataset
+from edgepeft.runtime.session import EvalReport, Prediction, TrainConfig, TrainingSession, TrainReport
+
+__all__ = [
+    "Bundle",
+    "Dataset",
+    "EvalReport",
+    "Prediction",
+    "TrainConfig",
+    "TrainReport",
+    "TrainingSession",
+    "open_bundle",
+]

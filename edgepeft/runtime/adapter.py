@@ -1,0 +1,97 @@
+"""Adapters in Hugging Face PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's (`base_model.model.<module>.lora_A.weight`, ...), so `peft.PeftModel.from_pretrained`
+loads an adapter trained on the device, and an adapter trained with PEFT on a host loads into a bundle.
+The base model's fingerprint travels in the safetensors metadata, which PEFT ignores. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+import edgepeft
+from edgepeft.errors import AdapterError
+from edgepeft.fileio import atomic_directory
+from edgepeft.manifest import ADAPTER_CONFIG, Manifest
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "adapter_model.safetensors"
+FINGERPRINT_KEY = "edgepeft.base_fingerprint"
+
+
+def save_adapter(
+    manifest: Manifest, values: dict[str, np.ndarray], directory: str | os.PathLike, overwrite: bool = True
+) -> Path:
+    """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once."""
+    tensors = {spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable}
+    metadata = {"format": "pt", FINGERPRINT_KEY: manifest.base_fingerprint, "edgepeft.version": edgepeft.__version__}
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True) + "\n")
+    logger.info("adapter saved to %s (%d tensors)", directory, len(tensors))
+    return Path(directory)
+
+
+def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an adapter and check it fits the bundle; returns values by ONNX parameter name.
+
+    Raises:
+        AdapterError: a file is missing or malformed, the adapter was made for a different base model,
+            or its tensors do not match the bundle's trainable parameters.
+    """
+    directory = Path(directory)
+    config = _read_config(directory / ADAPTER_CONFIG)
+    if config.get("peft_type") != manifest.peft_config.get("peft_type"):
+        raise AdapterError(f"adapter peft_type {config.get('peft_type')!r} is not the bundle's {manifest.peft_config.get('peft_type')!r}")
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"adapter weights {path} are missing")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"adapter weights {path} cannot be read: {e}") from None
+    fingerprint = metadata.get(FINGERPRINT_KEY)
+    if fingerprint is not None and fingerprint != manifest.base_fingerprint:
+        raise AdapterError(
+            f"adapter {directory} was made for a different base model "
+            f"(fingerprint {fingerprint[:12]}..., this bundle's is {manifest.base_fingerprint[:12]}...)"
+        )
+    expected = {spec.adapter_key: spec for spec in manifest.trainable}
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        raise AdapterError(
+            f"adapter {directory} does not fit this bundle: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    values = {}
+    for key, spec in expected.items():
+        array = tensors[key]
+        if tuple(array.shape) != spec.shape:
+            raise AdapterError(f"adapter tensor {key} has shape {tuple(array.shape)}, the bundle expects {spec.shape}")
+        if array.dtype.kind != "f":
+            raise AdapterError(f"adapter tensor {key} has dtype {array.dtype}, expected a float type")
+        if not np.isfinite(array).all():
+            raise AdapterError(f"adapter tensor {key} holds NaN or infinite values")
+        values[spec.name] = array.astype(np.float32)
+    return values
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterError(f"adapter config {path} is missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter config {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter config {path} does not hold a JSON object")
+    return config

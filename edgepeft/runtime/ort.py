@@ -1,0 +1,38 @@
+"""Load ONNX Runtime's on-device training API without importing torch.
+
+`import onnxruntime.training` imports torch (its `__init__` pulls in `optim` and ORTModule), and even a
+plain `import onnxruntime` probes ORTModule, which loads torch when it is installed. The training API
+itself (`onnxruntime/training/api/`) needs only `onnxruntime.capi`. Registering a bare package object
+for `onnxruntime.training` before the first import, and hiding ORTModule during it, loads the API in
+about 0.3 s with no torch at all, which is what a device has.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+_PACKAGE = "onnxruntime.training"
+_ORTMODULE = "onnxruntime.training.ortmodule"
+
+
+def training_api() -> types.ModuleType:
+    """Return `onnxruntime.training.api` (CheckpointState, Module, Optimizer), torch-free."""
+    if _PACKAGE not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [os.path.join(spec.submodule_search_locations[0], "training")]
+        sys.modules[_PACKAGE] = package
+    hide_ortmodule = _ORTMODULE not in sys.modules
+    if hide_ortmodule:
+        sys.modules[_ORTMODULE] = None  # type: ignore[assignment]  # makes the probe an ImportError
+    try:
+        from onnxruntime.training import api
+    finally:
+        if hide_ortmodule and sys.modules.get(_ORTMODULE, 0) is None:
+            del sys.modules[_ORTMODULE]
+    return api
