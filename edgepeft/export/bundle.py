@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 import numpy as np
 import onnx
 import torch
@@ -82,7 +85,7 @@ def export(
             example_labels = _default_labels(options.loss, example_output)
 
         frozen = [i.name for i in forward.graph.initializer if i.name in _parameter_names(adapted.module) and i.name not in trainable]
-        fingerprint = _fingerprint(forward, frozen)
+        fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in trainable])
         quantized: list[str] = []
         if options.quantization == "int8":
             held = {i.name for i in forward.graph.initializer}
@@ -170,7 +173,7 @@ def _parameter_names(module: nn.Module) -> set[str]:
 
 
 def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
-    """sha256 of the frozen fp32 weights the graph holds, taken before quantization."""
+    """sha256 of every frozen tensor the graph holds, taken before quantization (same for int8 and fp32)."""
     digest = hashlib.sha256()
     initializers = {i.name: i for i in model.graph.initializer}
     for name in sorted(frozen):
@@ -181,17 +184,30 @@ def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
 
 
 def _generate_artifacts(model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path) -> None:
-    import onnxruntime
     from onnxruntime.training import artifacts
 
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
-    onnxruntime.set_default_logger_severity(3)
     try:
-        artifacts.generate_artifacts(
-            model, requires_grad=trainable, frozen_params=frozen, loss=None, optimizer=optim, artifact_directory=out
-        )
+        with _native_stderr_silenced():
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen, loss=None, optimizer=optim, artifact_directory=out
+            )
     except Exception as e:
         raise ExportError(f"ONNX Runtime could not build the training graph: {str(e).splitlines()[0][:500]}") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """ORT's gradient builder logs every graph transformer at INFO level from C++; keep stderr readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _write_adapter_config(adapted: Adapted, out: Path) -> None:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -77,6 +78,7 @@ def _export(module: nn.Module, run_export, path: Path, trainable: list[str]) -> 
             run_export()
     model = onnx.load(str(path))
     _write_back(model, true_values)
+    _freeze_batchnorm(model, set(trainable))
     _add_layernorm_stat_outputs(model)
     return model
 
@@ -135,6 +137,48 @@ def _write_back(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> None
         raise ExportError(f"trainable parameters not used by the exported graph: {missing[:5]}")
     for name, value in values.items():
         initializers[name].CopyFrom(numpy_helper.from_array(value.cpu().numpy(), name))
+
+
+def _freeze_batchnorm(model: onnx.ModelProto, trainable: set[str]) -> None:
+    """Turn frozen BatchNormalization nodes into a per-channel Mul and Add on the running statistics.
+
+    ORT's gradient graph trains BatchNormalization with batch statistics while its eval graph uses the
+    running ones; a frozen backbone must behave the same in both, as it does in torch's eval mode.
+    """
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(graph.input)
+    }
+    nodes = []
+    for node in graph.node:
+        params = list(node.input[1:5])
+        if (
+            node.op_type != "BatchNormalization"
+            or len(node.output) != 1
+            or not all(p in initializers for p in params)
+            or trainable & set(params)
+        ):
+            nodes.append(node)
+            continue
+        scale, bias, mean, var = (numpy_helper.to_array(initializers[p]) for p in params)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        multiplier = scale / np.sqrt(var + eps)
+        shift = bias - mean * multiplier
+        shape = [1, -1] + [1] * (ranks.get(node.input[0], 4) - 2)
+        names = [f"{node.name or node.output[0]}/frozen_{kind}" for kind in ("scale", "shift")]
+        for name, value in zip(names, (multiplier, shift)):
+            graph.initializer.append(numpy_helper.from_array(value.reshape(shape).astype(np.float32), name))
+        scaled = f"{node.output[0]}/scaled"
+        nodes.append(onnx.helper.make_node("Mul", [node.input[0], names[0]], [scaled]))
+        nodes.append(onnx.helper.make_node("Add", [scaled, names[1]], [node.output[0]]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
 
 
 def _add_layernorm_stat_outputs(model: onnx.ModelProto) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class Adapted:
 
 def add_lora(model: nn.Module, spec: LoraSpec, task_type: str | None = None) -> Adapted:
     """Wrap `model` with LoRA per `spec`; freeze everything else. The model is modified in place."""
+    _check_targets(model, spec)
     config = peft.LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -41,14 +43,7 @@ def add_lora(model: nn.Module, spec: LoraSpec, task_type: str | None = None) -> 
     try:
         peft_model = peft.get_peft_model(model, config)
     except ValueError as e:
-        message = str(e).splitlines()[0]
-        if "not found in the base model" in message or "not supported" in message:
-            candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if _adaptable(m)})
-            raise ExportError(f"{message} Adaptable module names here: {candidates[:20]}") from None
-        raise ExportError(f"PEFT rejected the LoRA spec: {message}") from None
-    missing = [m for m in spec.modules_to_save if not any(n == m or n.endswith("." + m) for n, _ in model.named_modules())]
-    if missing:
-        raise ExportError(f"modules_to_save {missing} match no module of the model")
+        raise ExportError(f"PEFT rejected the LoRA spec: {str(e).splitlines()[0]}") from None
 
     module = peft_model.base_model.model
     by_pointer = {p.data_ptr(): n for n, p in module.named_parameters() if p.requires_grad}
@@ -63,6 +58,27 @@ def add_lora(model: nn.Module, spec: LoraSpec, task_type: str | None = None) -> 
     trainable = sum(module.get_parameter(n).numel() for n in adapter_keys)
     logger.info("LoRA added: %d trainable tensors, %d parameters", len(adapter_keys), trainable)
     return Adapted(peft_model, module, adapter_keys, _config_dict(peft_model.peft_config["default"]))
+
+
+def _check_targets(model: nn.Module, spec: LoraSpec) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+
+    def matches(pattern: str) -> bool:
+        return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+    if isinstance(spec.target_modules, str):
+        found = any(re.fullmatch(spec.target_modules, n) for n in names)
+    else:
+        found = any(matches(t) for t in spec.target_modules)
+    if not found:
+        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _adaptable(m)})
+        raise ExportError(
+            f"target_modules {spec.target_modules!r} match no module of {type(model).__name__}; "
+            f"adaptable module names: {candidates[:20]}"
+        )
+    missing = [m for m in spec.modules_to_save if not matches(m)]
+    if missing:
+        raise ExportError(f"modules_to_save {missing} match no module of {type(model).__name__}")
 
 
 def _adaptable(module: nn.Module) -> bool:

@@ -1,0 +1,275 @@
+"""The `edgepeft` command line: export, train, eval, predict, inspect, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from edgepeft.errors import EdgePeftError
+
+logger = logging.getLogger(__name__)
+
+
+class _Command(click.Command):
+    """Library errors become one clear line and exit status 1 (click's own usage errors exit 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (EdgePeftError, FileExistsError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.version_option(package_name="edgepeft")
+def main(verbose: bool) -> None:
+    """edgepeft: compile a model into an on-device training bundle, and train it on local data."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _write_report(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@main.command(cls=_Command)
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--labels", help="Class names, comma-separated (required for a transformers classifier).")
+@click.option("--target-modules", default="query,value", show_default=True,
+              help="Modules to adapt: comma-separated names, or one regular expression with --regex.")
+@click.option("--regex", is_flag=True, help="Treat --target-modules as one regular expression.")
+@click.option("--rank", "r", default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / rank).")
+@click.option("--dropout", default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--bias", type=click.Choice(["none", "all", "lora_only"]), default="none", show_default=True)
+@click.option("--train-module", "train_modules", multiple=True, help="A module trained in full (e.g. a new head); repeatable.")
+@click.option("--loss", type=click.Choice(["cross_entropy", "mse", "bce"]), default="cross_entropy", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
+              help="Storage of the frozen Linear/Conv/Embedding weights.")
+@click.option("--max-length", default=128, show_default=True, help="Longest token sequence for text models.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+def export(model: str, out: str, labels: str | None, target_modules: str, regex: bool, r: int, alpha: float,
+           dropout: float, bias: str, train_modules: tuple[str, ...], loss: str, optimizer: str, quantize: str,
+           max_length: int, overwrite: bool) -> None:
+    """Compile MODEL into a training bundle.
+
+    MODEL is a Hugging Face transformers model directory (loaded offline), or `package.module:function`
+    naming a function that returns `(torch_module, example_inputs_dict)`.
+    """
+    from edgepeft.export import ExportOptions, LoraSpec, export as export_bundle, load_factory
+
+    targets: tuple[str, ...] | str = target_modules if regex else _csv(target_modules)
+    spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=targets, bias=bias, modules_to_save=train_modules)
+    options = ExportOptions(loss=loss, optimizer=optimizer, quantization=quantize, max_length=max_length, labels=_csv(labels))
+    example_inputs = None
+    if not Path(model).is_dir():
+        model, example_inputs = load_factory(model)
+    click.echo(f"exporting to {out} ...", err=True)
+    manifest = export_bundle(model, out, example_inputs=example_inputs, lora=spec, options=options, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    click.echo(f"bundle {out}: {size / 1e6:.1f} MB, {manifest.stats['trainable_parameters']:,} trainable parameters, "
+               f"{manifest.quantization} backbone")
+
+
+def _session(bundle: str, adapter: str | None = None, state: str | None = None):
+    from edgepeft.runtime import TrainingSession
+
+    session = TrainingSession(bundle, state=state)
+    if adapter:
+        session.load_adapter(adapter)
+    return session
+
+
+def _progress_bar(label: str) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+    """A click progress bar fed by the runtime's progress callback (step, total, loss)."""
+    state: dict[str, Any] = {"loss": float("nan")}
+
+    def update(step: int, total: int, loss: float) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(
+                length=total, label=label, file=sys.stderr, show_pos=True,
+                item_show_func=lambda _: f"loss {state['loss']:.3f}",
+            )  # fmt: skip
+            state["bar"].__enter__()
+        state["loss"] = loss
+        state["bar"].update(1)
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+    return update, close
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="CSV (text,label) or JSONL file of training examples.")
+@click.option("--eval-data", type=click.Path(), help="Held-out file: accuracy is measured before and after training.")
+@click.option("--epochs", default=3, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", "learning_rate", default=2e-3, show_default=True, help="Learning rate.")
+@click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
+@click.option("--adapter", help="Adapter directory to start from.")
+@click.option("--resume", "state", type=click.Path(), help="Training state directory to resume from.")
+@click.option("--adapter-out", type=click.Path(), help="Write the trained adapter here.")
+@click.option("--state-out", type=click.Path(), help="Write the full training state (with optimizer) here.")
+@click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
+def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size: int, learning_rate: float, seed: int,
+          adapter: str | None, state: str | None, adapter_out: str | None, state_out: str | None,
+          report: str | None) -> None:
+    """Train BUNDLE on a local data file, on this device."""
+    from edgepeft.runtime import TrainConfig
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    session = _session(bundle, adapter, state)
+    train_set = session.load_data(data)
+    held_out = session.load_data(eval_data) if eval_data else None
+    figures: dict[str, Any] = {"examples": len(train_set), "epochs": epochs, "batch_size": batch_size,
+                               "learning_rate": learning_rate}
+    if held_out is not None:
+        figures["accuracy_before"] = session.evaluate(held_out).accuracy
+    update, close = _progress_bar("training")
+    try:
+        result = session.train(train_set, config, progress=update)
+    finally:
+        close()
+    figures.update(steps=result.steps, total_steps=session.step, epoch_losses=result.epoch_losses,
+                   median_step_ms=result.median_step_ms, train_seconds=result.seconds)
+    if held_out is not None:
+        after = session.evaluate(held_out)
+        figures.update(accuracy_after=after.accuracy, eval_loss=after.loss)
+    if adapter_out:
+        session.save_adapter(adapter_out)
+        figures["adapter_bytes"] = sum(f.stat().st_size for f in Path(adapter_out).iterdir())
+    if state_out:
+        session.save_state(state_out)
+    figures["peak_rss_mb"] = _peak_rss_mb()
+    figures["torch_loaded"] = "torch" in sys.modules
+    _write_report(report, figures)
+    click.echo(_summary(figures))
+
+
+def _summary(figures: dict[str, Any]) -> str:
+    parts = [f"{figures['steps']} steps", f"{figures['median_step_ms']:.0f} ms/step (median)",
+             f"final epoch loss {figures['epoch_losses'][-1]:.4f}", f"peak RSS {figures['peak_rss_mb']:.0f} MB"]
+    if "accuracy_after" in figures:
+        parts.insert(0, f"accuracy {figures['accuracy_before']:.1%} -> {figures['accuracy_after']:.1%}")
+    return ", ".join(parts)
+
+
+@main.command(name="eval", cls=_Command)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="CSV (text,label) or JSONL file.")
+@click.option("--adapter", help="Adapter directory to evaluate.")
+@click.option("--state", type=click.Path(), help="Training state directory to evaluate.")
+@click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
+def evaluate(bundle: str, data: str, adapter: str | None, state: str | None, report: str | None) -> None:
+    """Evaluate BUNDLE (with an adapter or state) on a labelled data file: loss and accuracy."""
+    session = _session(bundle, adapter, state)
+    result = session.evaluate(session.load_data(data))
+    figures = {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples}
+    _write_report(report, figures)
+    accuracy = f", accuracy {result.accuracy:.1%}" if result.accuracy is not None else ""
+    click.echo(f"{result.examples} examples: loss {result.loss:.4f}{accuracy}")
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "texts", multiple=True, help="A text to classify; repeatable.")
+@click.option("--data", type=click.Path(), help="CSV or JSONL file of texts.")
+@click.option("--adapter", help="Adapter directory to use.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input.")
+def predict(bundle: str, texts: tuple[str, ...], data: str | None, adapter: str | None, as_json: bool) -> None:
+    """Predict labels and probabilities for texts with BUNDLE."""
+    from edgepeft.runtime.data import read_text_file
+
+    inputs = list(texts) + (read_text_file(data)[0] if data else [])
+    if not inputs:
+        raise click.UsageError("give --text or --data")
+    session = _session(bundle, adapter)
+    result = session.predict(inputs)
+    for i, text in enumerate(inputs):
+        if result.probabilities is None:
+            row: dict[str, Any] = {"output": result.outputs[i].tolist()}
+        else:
+            row = {"label": result.labels[i] if result.labels else int(result.classes[i]),
+                   "probability": float(result.probabilities[i].max()),
+                   "probabilities": [round(float(p), 6) for p in result.probabilities[i]]}
+        if as_json:
+            click.echo(json.dumps({"text": text, **row}))
+        else:
+            click.echo(f"{row.get('label', row.get('output'))}\t{row.get('probability', '')}\t{text[:60]}")
+
+
+@main.command(cls=_Command)
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def inspect(path: str) -> None:
+    """Show what a bundle or an adapter directory holds."""
+    from edgepeft.manifest import MANIFEST_FILE
+
+    if (Path(path) / MANIFEST_FILE).exists():
+        from edgepeft.runtime import open_bundle
+
+        m = open_bundle(path).manifest
+        click.echo(f"bundle {path}")
+        click.echo(f"  inputs:     {', '.join(f'{s.name} {s.dtype}{list(s.shape)}' for s in m.inputs)}")
+        click.echo(f"  outputs:    {', '.join(f'{s.name} {s.dtype}{list(s.shape)}' for s in m.outputs)}")
+        click.echo(f"  labels:     {', '.join(m.labels) or '-'}")
+        click.echo(f"  loss:       {m.loss}   optimizer: {m.optimizer}   backbone: {m.quantization}")
+        click.echo(f"  trainable:  {len(m.trainable)} tensors, {m.stats.get('trainable_parameters', 0):,} parameters")
+        click.echo(f"  base:       sha256 {m.base_fingerprint[:16]}...")
+        for name in sorted(m.files):
+            click.echo(f"  file:       {name} ({(Path(path) / name).stat().st_size:,} bytes)")
+        return
+    from safetensors import safe_open
+
+    from edgepeft.runtime.adapter import FINGERPRINT_KEY, WEIGHTS, _read_config
+
+    config = _read_config(Path(path) / "adapter_config.json")
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise EdgePeftError(f"{path} is neither a bundle ({MANIFEST_FILE}) nor an adapter ({WEIGHTS})")
+    with safe_open(str(weights), framework="numpy") as f:
+        meta = f.metadata() or {}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    click.echo(f"adapter {path}: {config.get('peft_type')} r={config.get('r')} targets={config.get('target_modules')}")
+    click.echo(f"  base:    sha256 {meta.get(FINGERPRINT_KEY, 'not recorded')[:16]}")
+    click.echo(f"  tensors: {len(shapes)}, {sum(math.prod(s) for s in shapes.values()):,} values")
+
+
+@main.command(cls=_Command)
+@click.option("--out", default="edgepeft-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Working directory for the bundles, data split and adapter.")
+@click.option("--epochs", default=3, show_default=True)
+@click.option("--lr", "learning_rate", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
+def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | None) -> None:
+    """Fine-tune all-MiniLM-L6-v2 on Jane Austen passages on this device, and print the figures."""
+    from edgepeft.demo import run_demo
+
+    figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
+    _write_report(report, figures)
+    click.echo(json.dumps(figures, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

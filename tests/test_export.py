@@ -1,0 +1,212 @@
+"""The exporter on small torch models: Linear, Conv (with BatchNorm), Embedding + LayerNorm."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import tiny_models
+import torch
+from conftest import export_tiny
+from torch import nn
+
+from edgepeft import manifest as mf
+from edgepeft.errors import ExportError
+from edgepeft.export import ExportOptions, LoraSpec, export
+from edgepeft.runtime import TrainConfig, TrainingSession
+
+# Tolerances, ORT eval output against torch's eval output of the same fp32 model:
+FP32_ATOL = 1e-4
+# int8 symmetric per-channel weights: the logits move by at most 1% of their largest magnitude.
+INT8_RTOL_OF_MAX = 1e-2
+
+MODELS = ["mlp", "convnet", "textnet"]
+
+
+def _reference(name: str):
+    model, example = getattr(tiny_models, name)()
+    return model.eval(), example
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("quantization", ["fp32", "int8"])
+def test_ort_eval_output_matches_torch(tmp_path, name, quantization):
+    model, example = _reference(name)
+    with torch.no_grad():
+        expected = model(*example.values()).numpy()
+    export_tiny(name, tmp_path / "b", quantization=quantization)
+    session = TrainingSession(tmp_path / "b")
+    got = session.predict({k: v.numpy() for k, v in example.items()}).outputs
+    if quantization == "fp32":
+        np.testing.assert_allclose(got, expected, atol=FP32_ATOL, rtol=0)
+    else:
+        assert np.abs(got - expected).max() <= INT8_RTOL_OF_MAX * np.abs(expected).max()
+        assert not np.allclose(got, expected, atol=1e-7), "int8 weights should change the output a little"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_lowers_the_loss(tmp_path, name):
+    _, example = _reference(name)
+    export_tiny(name, tmp_path / "b")
+    session = TrainingSession(tmp_path / "b")
+    data = session.dataset({k: v.numpy() for k, v in example.items()}, np.array([0, 1, 2, 3]))
+    before = session.evaluate(data).loss
+    frozen_before = session.trainable_values()
+    session.train(data, TrainConfig(epochs=40, batch_size=4, learning_rate=1e-2))
+    assert session.evaluate(data).loss < 0.8 * before
+    changed = [n for n, v in session.trainable_values().items() if not np.array_equal(v, frozen_before[n])]
+    assert changed, "no trainable parameter moved"
+
+
+def test_only_adapter_parts_are_trainable_and_the_backbone_is_int8(tmp_path):
+    manifest = export_tiny("mlp", tmp_path / "b")
+    names = {p.name for p in manifest.trainable}
+    assert names == {
+        "fc1.lora_A.default.weight", "fc1.lora_B.default.weight",
+        "fc2.lora_A.default.weight", "fc2.lora_B.default.weight",
+        "head.modules_to_save.default.weight", "head.modules_to_save.default.bias",
+    }  # fmt: skip
+    keys = {p.adapter_key for p in manifest.trainable}
+    assert "base_model.model.fc1.lora_A.weight" in keys and "base_model.model.head.weight" in keys
+    inference = onnx.load(str(tmp_path / "b" / mf.INFERENCE_MODEL))
+    dtypes = {i.name: i.data_type for i in inference.graph.initializer}
+    assert dtypes["fc1.base_layer.weight.int8"] == onnx.TensorProto.INT8
+    assert "fc1.base_layer.weight" not in dtypes  # no fp32 copy of a frozen weight is stored
+    assert manifest.stats["quantized_weights"] == 2
+    # lora_B starts at zero: the adapted model equals the base at step 0 (not merged by the exporter)
+    session = TrainingSession(tmp_path / "b")
+    values = session.trainable_values()
+    assert not values["fc1.lora_B.default.weight"].any() and values["fc1.lora_A.default.weight"].any()
+
+
+def test_manifest_records_inputs_versions_and_checksums(tmp_path):
+    manifest = export_tiny("textnet", tmp_path / "b")
+    assert manifest.inputs == (mf.TensorSpec("tokens", "int64", ("batch", 10)),)
+    assert manifest.outputs[0].name == "output" and manifest.outputs[0].shape == ("batch", 4)
+    assert manifest.versions["onnxruntime"] == "1.19.2" and manifest.versions["onnx"] == "1.17.0"
+    assert set(manifest.files) >= {mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT, mf.INFERENCE_MODEL}
+    assert len(manifest.base_fingerprint) == 64
+    on_disk = json.loads((tmp_path / "b" / mf.MANIFEST_FILE).read_text())
+    assert mf.Manifest.from_dict(on_disk) == manifest
+
+
+def test_fingerprint_is_the_same_for_int8_and_fp32_and_differs_between_bases(tmp_path):
+    a = export_tiny("mlp", tmp_path / "a", quantization="int8")
+    b = export_tiny("mlp", tmp_path / "b", quantization="fp32")
+    assert a.base_fingerprint == b.base_fingerprint
+    model, example = tiny_models.mlp()
+    with torch.no_grad():
+        model.fc2.weight.add_(0.01)
+    c = export(model, tmp_path / "c", example_inputs=example, lora=LoraSpec(target_modules=("fc1",), modules_to_save=("head",)))
+    assert c.base_fingerprint != a.base_fingerprint
+
+
+@pytest.mark.parametrize(
+    "bias, expected",
+    [("none", set()), ("all", {"fc1.base_layer.bias", "fc2.bias"}), ("lora_only", {"fc1.base_layer.bias"})],
+)
+def test_bias_modes(tmp_path, bias, expected):
+    manifest = export_tiny("mlp", tmp_path / "b", target_modules=("fc1",), bias=bias)
+    biases = {p.name for p in manifest.trainable if p.name.endswith("bias") and not p.name.startswith("head")}
+    assert biases == expected
+
+
+def test_regex_target_modules(tmp_path):
+    manifest = export_tiny("mlp", tmp_path / "b", target_modules=r"fc\d")
+    assert {p.name.split(".")[0] for p in manifest.trainable} == {"fc1", "fc2", "head"}
+
+
+@pytest.mark.parametrize("loss, labels", [("mse", np.zeros((4, 4), np.float32)), ("bce", np.eye(4, dtype=np.float32))])
+def test_regression_and_multilabel_losses_with_sgd(tmp_path, loss, labels):
+    model, example = tiny_models.mlp()
+    export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1", "fc2")),
+           options=ExportOptions(loss=loss, optimizer="sgd"))  # fmt: skip
+    session = TrainingSession(tmp_path / "b")
+    data = session.dataset({"x": example["x"].numpy()}, labels)
+    before = session.evaluate(data).loss
+    session.train(data, TrainConfig(epochs=30, batch_size=4, learning_rate=0.1))
+    assert session.evaluate(data).loss < before
+    prediction = session.predict({"x": example["x"].numpy()})
+    if loss == "bce":
+        assert ((prediction.probabilities > 0) & (prediction.probabilities < 1)).all()
+
+
+class ElasticLoss(nn.Module):
+    """A user's own loss module: squared plus absolute error."""
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        error = output - target
+        return (error**2).mean() + 0.5 * error.abs().mean()
+
+
+def test_custom_torch_loss_module(tmp_path):
+    model, example = tiny_models.mlp()
+    reference = copy.deepcopy(model).eval()
+    target = torch.ones(4, 4)
+    export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1",)),
+           options=ExportOptions(loss="custom", quantization="fp32"), loss_fn=ElasticLoss(), example_labels=target)  # fmt: skip
+    session = TrainingSession(tmp_path / "b")
+    data = session.dataset({"x": example["x"].numpy()}, target.numpy())
+    with torch.no_grad():
+        expected = ElasticLoss()(reference(example["x"]), target).item()
+    assert session.evaluate(data).loss == pytest.approx(expected, abs=1e-5)
+    session.train(data, TrainConfig(epochs=20, batch_size=4, learning_rate=1e-2))
+    assert session.evaluate(data).loss < expected
+
+
+def test_a_loss_onnx_cannot_express_is_a_clear_error(tmp_path):
+    model, example = tiny_models.mlp()
+    with pytest.raises(ExportError, match="smooth_l1_loss"):
+        export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1",)),
+               options=ExportOptions(loss="custom"), loss_fn=nn.SmoothL1Loss(), example_labels=torch.ones(4, 4))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_target_pattern_that_matches_nothing_is_a_clear_error_and_writes_nothing(tmp_path):
+    with pytest.raises(ExportError, match="attention"):
+        export_tiny("mlp", tmp_path / "b", target_modules=("attention",))
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_train_module_is_a_clear_error(tmp_path):
+    model, example = tiny_models.mlp()
+    with pytest.raises(ExportError, match="classifier"):
+        export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1",), modules_to_save=("classifier",)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_bundle_is_not_overwritten_unless_asked(tmp_path):
+    export_tiny("mlp", tmp_path / "b")
+    before = (tmp_path / "b" / mf.MANIFEST_FILE).read_text()
+    with pytest.raises(FileExistsError):
+        export_tiny("mlp", tmp_path / "b")
+    assert (tmp_path / "b" / mf.MANIFEST_FILE).read_text() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "rank"),
+        ({"bias": "some"}, "bias"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"target_modules": ()}, "target_modules"),
+    ],
+)
+def test_bad_lora_spec(kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        LoraSpec(**kwargs)
+
+
+def test_bad_export_options(tmp_path):
+    with pytest.raises(ExportError, match="loss"):
+        ExportOptions(loss="hinge")
+    with pytest.raises(ExportError, match="quantization"):
+        ExportOptions(quantization="int4")
+    with pytest.raises(ExportError, match="custom"):
+        model, example = tiny_models.mlp()
+        export(model, tmp_path / "b", example_inputs=example, options=ExportOptions(loss="custom"))
+    assert list(tmp_path.iterdir()) == []
