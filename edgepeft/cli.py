@@ -162,7 +162,7 @@ def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size
     if state_out:
         session.save_state(state_out)
     figures["peak_rss_mb"] = _peak_rss_mb()
-    figures["torch_loaded"] = "torch" in sys.modules
+    figures["torch_loaded"] = sys.modules.get("torch") is not None
     _write_report(report, figures)
     click.echo(_summary(figures))
 

@@ -171,7 +171,7 @@ class TrainingSession:
             logger.info("epoch done: mean loss %.4f", epoch_losses[-1])
         return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - start)
 
-    def evaluate(self, data: Dataset, batch_size: int = 32) -> EvalReport:
+    def evaluate(self, data: Dataset, batch_size: int = 8) -> EvalReport:
         """Mean loss over `data`, and accuracy for a classifier (or per-output accuracy for BCE)."""
         if data.labels is None:
             raise InputError("evaluation data has no labels")
@@ -190,7 +190,7 @@ class TrainingSession:
         accuracy = correct / seen if seen else None
         return EvalReport(loss_sum / len(data), accuracy, len(data))
 
-    def predict(self, features: dict[str, np.ndarray] | list[str], batch_size: int = 32) -> Prediction:
+    def predict(self, features: dict[str, np.ndarray] | list[str], batch_size: int = 8) -> Prediction:
         """Run the model on arrays (or texts, for a bundle with a tokenizer)."""
         if isinstance(features, (list, tuple)):
             features = self.encode(list(features))
