@@ -114,6 +114,17 @@ def test_bias_modes(tmp_path, bias, expected):
     assert biases == expected
 
 
+def test_lora_dropout_trains_but_does_not_evaluate(tmp_path):
+    export_tiny("mlp", tmp_path / "b", quantization="fp32", dropout=0.3)
+    training = onnx.load(str(tmp_path / "b" / mf.TRAINING_MODEL))
+    assert sum(node.op_type == "Dropout" for node in training.graph.node) == 2  # one per LoRA layer
+    model, example = _reference("mlp")
+    with torch.no_grad():
+        expected = model(*example.values()).numpy()
+    session = TrainingSession(tmp_path / "b")
+    np.testing.assert_allclose(session.predict({"x": example["x"].numpy()}).outputs, expected, atol=FP32_ATOL, rtol=0)
+
+
 def test_regex_target_modules(tmp_path):
     manifest = export_tiny("mlp", tmp_path / "b", target_modules=r"fc\d")
     assert {p.name.split(".")[0] for p in manifest.trainable} == {"fc1", "fc2", "head"}

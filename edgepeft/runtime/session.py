@@ -96,12 +96,11 @@ class TrainingSession:
             checkpoint = self._read_state(Path(state))
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
-            options = None
-            if threads:
-                from onnxruntime import SessionOptions
+            from onnxruntime import SessionOptions
 
-                options = SessionOptions()
-                options.intra_op_num_threads = threads
+            options = SessionOptions()
+            options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
+            options.intra_op_num_threads = threads
             self._module = api.Module(
                 str(self.bundle.file(mf.TRAINING_MODEL)),
                 self._state,

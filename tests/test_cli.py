@@ -1,0 +1,108 @@
+"""The command line: help on every command, the export/train/eval/predict/inspect path, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgepeft.cli import main
+
+COMMANDS = ["export", "train", "eval", "predict", "inspect", "demo"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(runner, command):
+    result = runner.invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage: main " + command in result.output or f"Usage: edgepeft {command}" in result.output
+    assert "--help" in result.output
+
+
+def test_top_level_help_lists_every_command(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_export_a_torch_module_then_inspect(runner, tmp_path):
+    out = tmp_path / "bundle"
+    result = runner.invoke(main, ["export", "tiny_models:convnet", "--out", str(out), "--target-modules", "conv1,conv2",
+                                  "--train-module", "head", "--quantize", "fp32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "trainable parameters, fp32 backbone" in result.output
+    result = runner.invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "image float32['batch', 1, 12, 12]" in result.output
+    assert "training_model.onnx" in result.output
+
+
+def test_text_bundle_train_eval_predict(runner, minilm_int8, austen_split, tmp_path):
+    train_csv, test_csv = austen_split
+    small_train, small_test = tmp_path / "train.csv", tmp_path / "test.csv"
+    small_train.write_text("".join(train_csv.read_text().splitlines(keepends=True)[:17]))
+    small_test.write_text("".join(test_csv.read_text().splitlines(keepends=True)[:17]))
+    report = tmp_path / "train.json"
+    result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(small_train), "--eval-data", str(small_test),
+                                  "--epochs", "1", "--adapter-out", str(tmp_path / "adapter"),
+                                  "--state-out", str(tmp_path / "state"), "--report", str(report)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["steps"] == 2 and figures["examples"] == 16
+    assert {"accuracy_before", "accuracy_after", "median_step_ms", "peak_rss_mb", "adapter_bytes"} <= set(figures)
+
+    result = runner.invoke(main, ["eval", str(minilm_int8), "--data", str(small_test), "--adapter", str(tmp_path / "adapter"),
+                                  "--report", str(tmp_path / "eval.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == pytest.approx(figures["accuracy_after"])
+
+    result = runner.invoke(main, ["predict", str(minilm_int8), "--adapter", str(tmp_path / "adapter"), "--json",
+                                  "--text", "Mr. Darcy bowed.", "--text", "Captain Wentworth wrote a letter."])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["probabilities"]) == 6
+    assert sum(rows[0]["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+
+    result = runner.invoke(main, ["inspect", str(tmp_path / "adapter")])
+    assert result.exit_code == 0 and "LORA r=8" in result.output
+
+    result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(small_train), "--epochs", "1",
+                                  "--resume", str(tmp_path / "state"), "--report", str(report)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["total_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "tiny_models:mlp", "--target-modules", "nothing_here"], "match no module of MLP"),
+        (["export", "tiny_models:not_a_factory"], "must return (torch.nn.Module"),
+        (["export", "no_such_module:f"], "cannot load 'no_such_module:f'"),
+        (["export", "tiny_models:mlp", "--target-modules", "fc1", "--rank", "0"], "rank"),
+    ],
+)
+def test_export_errors_are_one_line(runner, tmp_path, args, message):
+    result = runner.invoke(main, args[:2] + ["--out", str(tmp_path / "b")] + args[2:])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and message in last
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_runtime_errors_are_one_line(runner, minilm_int8, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    result = runner.invoke(main, ["eval", str(minilm_int8), "--data", str(empty)])
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {empty} holds no examples"
+    result = runner.invoke(main, ["train", str(tmp_path), "--data", str(empty)])
+    assert result.exit_code == 1 and "is not a bundle: manifest.json is missing" in result.output
+    result = runner.invoke(main, ["predict", str(minilm_int8)])
+    assert result.exit_code == 2 and "give --text or --data" in result.output
