@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 import numpy as np
@@ -62,69 +63,84 @@ def export(
         raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
     loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
     with atomic_directory(output_dir, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if isinstance(model, nn.Module):
-            if not example_inputs:
-                raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
-            adapted = add_lora(model, lora)
-            trainable = list(adapted.adapter_keys)
-            forward = export_module(adapted.module, dict(example_inputs), work / "forward.onnx", trainable, options.opset)
-            with torch.no_grad():
-                example_output = adapted.module(*example_inputs.values())
-            labels = options.labels
-        else:
-            source = Path(model)
-            adapted, labels, example_inputs = _load_transformers(source, lora, options, out)
-            trainable = list(adapted.adapter_keys)
-            forward = export_transformers(adapted.module, "text-classification", work / "forward.onnx", trainable, options.opset)
-            with torch.no_grad():
-                example_output = adapted.module(**example_inputs).logits
-        if not isinstance(example_output, torch.Tensor):
-            raise ExportError(f"the model must return one tensor, got {type(example_output).__name__}")
+        traced = _trace(model, example_inputs, lora, options, Path(tmp), out)
+        module, forward = traced.adapted.module, traced.graph
+        trainable = list(traced.adapted.adapter_keys)
         if example_labels is None:
-            example_labels = _default_labels(options.loss, example_output)
+            example_labels = _default_labels(options.loss, traced.example_output)
 
-        frozen = [i.name for i in forward.graph.initializer if i.name in _parameter_names(adapted.module) and i.name not in trainable]
         fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in trainable])
-        quantized: list[str] = []
-        if options.quantization == "int8":
-            held = {i.name for i in forward.graph.initializer}
-            to_quantize = [n for n in frozen_weight_names(adapted.module) if n in held]
-            new_names = quantize_initializers_(forward, to_quantize)
-            frozen = [n for n in frozen if n not in set(to_quantize)] + new_names
-            quantized = to_quantize
+        held = {i.name for i in forward.graph.initializer}
+        frozen = [n for n, _ in module.named_parameters() if n in held and n not in trainable]
+        quantized = [n for n in frozen_weight_names(module) if n in held] if options.quantization == "int8" else []
+        if quantized:
+            frozen = [n for n in frozen if n not in set(quantized)] + quantize_initializers_(forward, quantized)
         onnx.save(forward, str(out / mf.INFERENCE_MODEL))
 
-        full = attach_loss(forward, loss_module, example_output, example_labels, work, options.opset)
+        full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
-        _write_adapter_config(adapted, out)
+        (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
         manifest = mf.Manifest(
-            inputs=tuple(_spec(v) for v in forward.graph.input if v.name not in {i.name for i in forward.graph.initializer}),
+            inputs=tuple(_spec(v) for v in forward.graph.input if v.name not in held),
             outputs=tuple(_spec(v) for v in forward.graph.output),
             label=_label_spec(example_labels),
             loss=options.loss,
             optimizer=options.optimizer,
             quantization=options.quantization,
             trainable=tuple(
-                mf.ParamSpec(name, adapted.adapter_keys[name], tuple(adapted.module.get_parameter(name).shape))
-                for name in trainable
+                mf.ParamSpec(name, key, tuple(module.get_parameter(name).shape))
+                for name, key in traced.adapted.adapter_keys.items()
             ),
             base_fingerprint=fingerprint,
-            files={},
-            peft_config=adapted.peft_config,
-            labels=tuple(labels),
+            files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
+            peft_config=traced.adapted.peft_config,
+            labels=traced.labels,
             max_length=options.max_length if (out / mf.TOKENIZER).exists() else None,
             versions=_versions(),
             stats={
-                "trainable_parameters": int(sum(adapted.module.get_parameter(n).numel() for n in trainable)),
+                "trainable_parameters": int(sum(module.get_parameter(n).numel() for n in trainable)),
                 "quantized_weights": len(quantized),
             },
         )
-        manifest = replace(manifest, files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()})
         manifest.save(out)
     logger.info("bundle written to %s", output_dir)
     return manifest
+
+
+@dataclass
+class _Traced:
+    adapted: Adapted
+    graph: onnx.ModelProto  # the forward graph, trainable values in place
+    example_output: torch.Tensor
+    labels: tuple[str, ...]
+
+
+def _trace(
+    model: nn.Module | str | os.PathLike,
+    example_inputs: dict[str, torch.Tensor] | None,
+    lora: LoraSpec,
+    options: ExportOptions,
+    work: Path,
+    out: Path,
+) -> _Traced:
+    """Add LoRA to the model and trace its forward pass to ONNX."""
+    if isinstance(model, nn.Module):
+        if not example_inputs:
+            raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
+        adapted = add_lora(model, lora)
+        graph = export_module(adapted.module, dict(example_inputs), work / "forward.onnx", list(adapted.adapter_keys), options.opset)
+        with torch.no_grad():
+            output = adapted.module(*example_inputs.values())
+        labels = options.labels
+    else:
+        adapted, labels, example_inputs = _load_transformers(Path(model), lora, options, out)
+        graph = export_transformers(adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset)
+        with torch.no_grad():
+            output = adapted.module(**example_inputs).logits
+    if not isinstance(output, torch.Tensor):
+        raise ExportError(f"the model must return one tensor, got {type(output).__name__}")
+    return _Traced(adapted, graph, output, labels)
 
 
 def _load_transformers(
@@ -168,10 +184,6 @@ def _default_labels(loss: str, output: torch.Tensor) -> torch.Tensor:
     raise ExportError("a custom loss needs `example_labels`")
 
 
-def _parameter_names(module: nn.Module) -> set[str]:
-    return {name for name, _ in module.named_parameters()}
-
-
 def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
     """sha256 of every frozen tensor the graph holds, taken before quantization (same for int8 and fp32)."""
     digest = hashlib.sha256()
@@ -208,12 +220,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def _write_adapter_config(adapted: Adapted, out: Path) -> None:
-    import json
-
-    (out / mf.ADAPTER_CONFIG).write_text(json.dumps(adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
 
 def _spec(value: onnx.ValueInfoProto) -> mf.TensorSpec:
