@@ -59,7 +59,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for quantization in ("int8", "fp32"):
             bundle = Path(tmp) / quantization
-            export(minilm_path(), bundle, lora=LoraSpec(), options=ExportOptions(labels=labels, quantization=quantization))
+            export(
+                minilm_path(), bundle, lora=LoraSpec(), options=ExportOptions(labels=labels, quantization=quantization)
+            )
             size = sum(f.stat().st_size for f in bundle.iterdir())
             run = subprocess.run(
                 [sys.executable, "-c", DEVICE, str(bundle), str(args.steps), str(args.batch), str(args.seq)],
@@ -70,8 +72,10 @@ def main() -> None:
     print("| backbone | median ms/step | p90 ms/step | cold start to 1st step (s) | peak RSS (MB) | bundle (MB) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['median_step_ms']:.0f} | {r['p90_step_ms']:.0f} | {r['cold_start_to_first_step_s']:.2f} "
-              f"| {r['peak_rss_mb']:.0f} | {r['bundle_mb']:.1f} |")
+        print(
+            f"| {name} | {r['median_step_ms']:.0f} | {r['p90_step_ms']:.0f} | {r['cold_start_to_first_step_s']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['bundle_mb']:.1f} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

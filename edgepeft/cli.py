@@ -7,8 +7,9 @@ import logging
 import math
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -32,7 +33,9 @@ class _Command(click.Command):
 @click.version_option(package_name="edgepeft")
 def main(verbose: bool) -> None:
     """edgepeft: compile a model into an on-device training bundle, and train it on local data."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _write_report(path: str | None, report: dict[str, Any]) -> None:
@@ -52,41 +55,71 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--labels", help="Class names, comma-separated (required for a transformers classifier).")
-@click.option("--target-modules", default="query,value", show_default=True,
-              help="Modules to adapt: comma-separated names, or one regular expression with --regex.")
+@click.option(
+    "--target-modules",
+    default="query,value",
+    show_default=True,
+    help="Modules to adapt: comma-separated names, or one regular expression with --regex.",
+)
 @click.option("--regex", is_flag=True, help="Treat --target-modules as one regular expression.")
 @click.option("--rank", "r", default=8, show_default=True, help="LoRA rank.")
 @click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / rank).")
 @click.option("--dropout", default=0.0, show_default=True, help="LoRA dropout.")
 @click.option("--bias", type=click.Choice(["none", "all", "lora_only"]), default="none", show_default=True)
-@click.option("--train-module", "train_modules", multiple=True, help="A module trained in full (e.g. a new head); repeatable.")
+@click.option(
+    "--train-module", "train_modules", multiple=True, help="A module trained in full (e.g. a new head); repeatable."
+)
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse", "bce"]), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--quantize", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
-              help="Storage of the frozen Linear/Conv/Embedding weights.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "fp32"]),
+    default="int8",
+    show_default=True,
+    help="Storage of the frozen Linear/Conv/Embedding weights.",
+)
 @click.option("--max-length", default=128, show_default=True, help="Longest token sequence for text models.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
-def export(model: str, out: str, labels: str | None, target_modules: str, regex: bool, r: int, alpha: float,
-           dropout: float, bias: str, train_modules: tuple[str, ...], loss: str, optimizer: str, quantize: str,
-           max_length: int, overwrite: bool) -> None:
+def export(
+    model: str,
+    out: str,
+    labels: str | None,
+    target_modules: str,
+    regex: bool,
+    r: int,
+    alpha: float,
+    dropout: float,
+    bias: str,
+    train_modules: tuple[str, ...],
+    loss: str,
+    optimizer: str,
+    quantize: str,
+    max_length: int,
+    overwrite: bool,
+) -> None:
     """Compile MODEL into a training bundle.
 
     MODEL is a Hugging Face transformers model directory (loaded offline), or `package.module:function`
     naming a function that returns `(torch_module, example_inputs_dict)`.
     """
-    from edgepeft.export import ExportOptions, LoraSpec, export as export_bundle, load_factory
+    from edgepeft.export import ExportOptions, LoraSpec, load_factory
+    from edgepeft.export import export as export_bundle
 
     targets: tuple[str, ...] | str = target_modules if regex else _csv(target_modules)
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=targets, bias=bias, modules_to_save=train_modules)
-    options = ExportOptions(loss=loss, optimizer=optimizer, quantization=quantize, max_length=max_length, labels=_csv(labels))
+    options = ExportOptions(
+        loss=loss, optimizer=optimizer, quantization=quantize, max_length=max_length, labels=_csv(labels)
+    )
     example_inputs = None
     if not Path(model).is_dir():
         model, example_inputs = load_factory(model)
     click.echo(f"exporting to {out} ...", err=True)
     manifest = export_bundle(model, out, example_inputs=example_inputs, lora=spec, options=options, overwrite=overwrite)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    click.echo(f"bundle {out}: {size / 1e6:.1f} MB, {manifest.stats['trainable_parameters']:,} trainable parameters, "
-               f"{manifest.quantization} backbone")
+    click.echo(
+        f"bundle {out}: {size / 1e6:.1f} MB, {manifest.stats['trainable_parameters']:,} trainable parameters, "
+        f"{manifest.quantization} backbone"
+    )
 
 
 def _session(bundle: str, adapter: str | None = None, state: str | None = None):
@@ -132,9 +165,20 @@ def _progress_bar(label: str) -> tuple[Callable[[int, int, float], None], Callab
 @click.option("--adapter-out", type=click.Path(), help="Write the trained adapter here.")
 @click.option("--state-out", type=click.Path(), help="Write the full training state (with optimizer) here.")
 @click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
-def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size: int, learning_rate: float, seed: int,
-          adapter: str | None, state: str | None, adapter_out: str | None, state_out: str | None,
-          report: str | None) -> None:
+def train(
+    bundle: str,
+    data: str,
+    eval_data: str | None,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    adapter: str | None,
+    state: str | None,
+    adapter_out: str | None,
+    state_out: str | None,
+    report: str | None,
+) -> None:
     """Train BUNDLE on a local data file, on this device."""
     from edgepeft.runtime import TrainConfig
 
@@ -142,8 +186,12 @@ def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size
     session = _session(bundle, adapter, state)
     train_set = session.load_data(data)
     held_out = session.load_data(eval_data) if eval_data else None
-    figures: dict[str, Any] = {"examples": len(train_set), "epochs": epochs, "batch_size": batch_size,
-                               "learning_rate": learning_rate}
+    figures: dict[str, Any] = {
+        "examples": len(train_set),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+    }
     if held_out is not None:
         figures["accuracy_before"] = session.evaluate(held_out).accuracy
     update, close = _progress_bar("training")
@@ -151,8 +199,13 @@ def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size
         result = session.train(train_set, config, progress=update)
     finally:
         close()
-    figures.update(steps=result.steps, total_steps=session.step, epoch_losses=result.epoch_losses,
-                   median_step_ms=result.median_step_ms, train_seconds=result.seconds)
+    figures.update(
+        steps=result.steps,
+        total_steps=session.step,
+        epoch_losses=result.epoch_losses,
+        median_step_ms=result.median_step_ms,
+        train_seconds=result.seconds,
+    )
     if held_out is not None:
         after = session.evaluate(held_out)
         figures.update(accuracy_after=after.accuracy, eval_loss=after.loss)
@@ -168,8 +221,12 @@ def train(bundle: str, data: str, eval_data: str | None, epochs: int, batch_size
 
 
 def _summary(figures: dict[str, Any]) -> str:
-    parts = [f"{figures['steps']} steps", f"{figures['median_step_ms']:.0f} ms/step (median)",
-             f"final epoch loss {figures['epoch_losses'][-1]:.4f}", f"peak RSS {figures['peak_rss_mb']:.0f} MB"]
+    parts = [
+        f"{figures['steps']} steps",
+        f"{figures['median_step_ms']:.0f} ms/step (median)",
+        f"final epoch loss {figures['epoch_losses'][-1]:.4f}",
+        f"peak RSS {figures['peak_rss_mb']:.0f} MB",
+    ]
     if "accuracy_after" in figures:
         parts.insert(0, f"accuracy {figures['accuracy_before']:.1%} -> {figures['accuracy_after']:.1%}")
     return ", ".join(parts)
@@ -210,9 +267,11 @@ def predict(bundle: str, texts: tuple[str, ...], data: str | None, adapter: str 
         if result.probabilities is None:
             row: dict[str, Any] = {"output": result.outputs[i].tolist()}
         else:
-            row = {"label": result.labels[i] if result.labels else int(result.classes[i]),
-                   "probability": float(result.probabilities[i].max()),
-                   "probabilities": [round(float(p), 6) for p in result.probabilities[i]]}
+            row = {
+                "label": result.labels[i] if result.labels else int(result.classes[i]),
+                "probability": float(result.probabilities[i].max()),
+                "probabilities": [round(float(p), 6) for p in result.probabilities[i]],
+            }
         if as_json:
             click.echo(json.dumps({"text": text, **row}))
         else:
@@ -256,8 +315,13 @@ def inspect(path: str) -> None:
 
 
 @main.command(cls=_Command)
-@click.option("--out", default="edgepeft-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Working directory for the bundles, data split and adapter.")
+@click.option(
+    "--out",
+    default="edgepeft-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Working directory for the bundles, data split and adapter.",
+)
 @click.option("--epochs", default=3, show_default=True)
 @click.option("--lr", "learning_rate", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)

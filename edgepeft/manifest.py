@@ -76,7 +76,9 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
-            raise BundleError(f"manifest schema version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+            raise BundleError(
+                f"manifest schema version {self.schema_version} is not supported (expected {SCHEMA_VERSION})"
+            )
         for name, value, allowed in (
             ("loss", self.loss, LOSSES),
             ("optimizer", self.optimizer, OPTIMIZERS),
@@ -88,8 +90,14 @@ class Manifest:
             raise BundleError("manifest lists no inputs or no outputs")
         if not self.trainable:
             raise BundleError("manifest lists no trainable parameters")
-        if self.loss == "cross_entropy" and self.labels and self.outputs[0].shape[-1] not in (len(self.labels), "classes"):
-            raise BundleError(f"manifest has {len(self.labels)} labels but the output has shape {self.outputs[0].shape}")
+        if (
+            self.loss == "cross_entropy"
+            and self.labels
+            and self.outputs[0].shape[-1] not in (len(self.labels), "classes")
+        ):
+            raise BundleError(
+                f"manifest has {len(self.labels)} labels but the output has shape {self.outputs[0].shape}"
+            )
         for rel in self.files:
             if os.path.isabs(rel) or ".." in Path(rel).parts:
                 raise BundleError(f"manifest file entry {rel!r} points outside the bundle")

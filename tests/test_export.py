@@ -87,7 +87,13 @@ def test_manifest_records_inputs_versions_and_checksums(tmp_path):
     assert manifest.inputs == (mf.TensorSpec("tokens", "int64", ("batch", 10)),)
     assert manifest.outputs[0].name == "output" and manifest.outputs[0].shape == ("batch", 4)
     assert manifest.versions["onnxruntime"] == "1.19.2" and manifest.versions["onnx"] == "1.17.0"
-    assert set(manifest.files) >= {mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT, mf.INFERENCE_MODEL}
+    assert set(manifest.files) >= {
+        mf.TRAINING_MODEL,
+        mf.EVAL_MODEL,
+        mf.OPTIMIZER_MODEL,
+        mf.CHECKPOINT,
+        mf.INFERENCE_MODEL,
+    }
     assert len(manifest.base_fingerprint) == 64
     on_disk = json.loads((tmp_path / "b" / mf.MANIFEST_FILE).read_text())
     assert mf.Manifest.from_dict(on_disk) == manifest
@@ -100,7 +106,9 @@ def test_fingerprint_is_the_same_for_int8_and_fp32_and_differs_between_bases(tmp
     model, example = tiny_models.mlp()
     with torch.no_grad():
         model.fc2.weight.add_(0.01)
-    c = export(model, tmp_path / "c", example_inputs=example, lora=LoraSpec(target_modules=("fc1",), modules_to_save=("head",)))
+    c = export(
+        model, tmp_path / "c", example_inputs=example, lora=LoraSpec(target_modules=("fc1",), modules_to_save=("head",))
+    )
     assert c.base_fingerprint != a.base_fingerprint
 
 
@@ -186,7 +194,12 @@ def test_target_pattern_that_matches_nothing_is_a_clear_error_and_writes_nothing
 def test_unknown_train_module_is_a_clear_error(tmp_path):
     model, example = tiny_models.mlp()
     with pytest.raises(ExportError, match="classifier"):
-        export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1",), modules_to_save=("classifier",)))
+        export(
+            model,
+            tmp_path / "b",
+            example_inputs=example,
+            lora=LoraSpec(target_modules=("fc1",), modules_to_save=("classifier",)),
+        )
     assert list(tmp_path.iterdir()) == []
 
 

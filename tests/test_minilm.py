@@ -33,7 +33,9 @@ def _host_logits(minilm_dir, adapter_dir, texts) -> np.ndarray:
     outputs = []
     with torch.no_grad():
         for start in range(0, len(texts), 64):
-            batch = tokenizer(texts[start : start + 64], truncation=True, max_length=128, padding=True, return_tensors="pt")
+            batch = tokenizer(
+                texts[start : start + 64], truncation=True, max_length=128, padding=True, return_tensors="pt"
+            )
             outputs.append(model(**batch).logits.numpy())
     return np.concatenate(outputs)
 
@@ -76,7 +78,13 @@ def test_host_trained_peft_adapter_loads_into_the_bundle(minilm_int8, minilm_dir
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     for start in range(0, len(rows), 8):
-        batch = tokenizer([r["text"] for r in rows[start : start + 8]], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        batch = tokenizer(
+            [r["text"] for r in rows[start : start + 8]],
+            truncation=True,
+            max_length=128,
+            padding=True,
+            return_tensors="pt",
+        )
         labels = torch.tensor([AUSTEN_LABELS.index(r["label"]) for r in rows[start : start + 8]])
         model(**batch, labels=labels).loss.backward()
         optimizer.step()
@@ -103,7 +111,9 @@ def test_text_data_with_an_unknown_label(minilm_int8, tmp_path):
 def test_text_is_tokenized_like_the_host(minilm_int8, minilm_dir):
     texts = ["It is a truth universally acknowledged.", "Emma Woodhouse, handsome, clever, and rich " * 40]
     device = TrainingSession(minilm_int8).encode(texts)
-    host = AutoTokenizer.from_pretrained(minilm_dir)(texts, truncation=True, max_length=128, padding=True, return_tensors="np")
+    host = AutoTokenizer.from_pretrained(minilm_dir)(
+        texts, truncation=True, max_length=128, padding=True, return_tensors="np"
+    )
     for name in ("input_ids", "attention_mask", "token_type_ids"):
         np.testing.assert_array_equal(device[name], host[name])
     assert device["input_ids"].shape == (2, 128)

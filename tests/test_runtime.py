@@ -168,7 +168,10 @@ def test_adapter_round_trip(mlp_bundle, tmp_path):
     session.train(session.dataset({"x": x}, y), TrainConfig(epochs=3, learning_rate=1e-2))
     trained = session.predict({"x": x}).outputs
     session.save_adapter(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     fresh = TrainingSession(mlp_bundle)
     assert not np.allclose(fresh.predict({"x": x}).outputs, trained)
@@ -234,7 +237,9 @@ def test_resumed_training_continues_exactly(mlp_bundle, tmp_path):
     restarted = TrainingSession(mlp_bundle)  # no optimizer state: a different result, so the test can fail
     restarted.load_adapter(first.save_adapter(tmp_path / "adapter"))
     restarted.train(data, config)
-    differs = [not np.allclose(restarted.trainable_values()[n], v, atol=1e-7) for n, v in straight.trainable_values().items()]
+    differs = [
+        not np.allclose(restarted.trainable_values()[n], v, atol=1e-7) for n, v in straight.trainable_values().items()
+    ]
     assert any(differs)
 
 

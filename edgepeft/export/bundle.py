@@ -9,9 +9,10 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
 import numpy as np
 import onnx
 import torch
@@ -129,13 +130,17 @@ def _trace(
         if not example_inputs:
             raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
         adapted = add_lora(model, lora)
-        graph = export_module(adapted.module, dict(example_inputs), work / "forward.onnx", list(adapted.adapter_keys), options.opset)
+        graph = export_module(
+            adapted.module, dict(example_inputs), work / "forward.onnx", list(adapted.adapter_keys), options.opset
+        )
         with torch.no_grad():
             output = adapted.module(*example_inputs.values())
         labels = options.labels
     else:
         adapted, labels, example_inputs = _load_transformers(Path(model), lora, options, out)
-        graph = export_transformers(adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset)
+        graph = export_transformers(
+            adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset
+        )
         with torch.no_grad():
             output = adapted.module(**example_inputs).logits
     if not isinstance(output, torch.Tensor):
@@ -195,7 +200,9 @@ def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _generate_artifacts(model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path) -> None:
+def _generate_artifacts(
+    model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path
+) -> None:
     from onnxruntime.training import artifacts
 
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]

@@ -31,7 +31,9 @@ def save_adapter(
     manifest: Manifest, values: dict[str, np.ndarray], directory: str | os.PathLike, overwrite: bool = True
 ) -> Path:
     """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once."""
-    tensors = {spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable}
+    tensors = {
+        spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable
+    }
     metadata = {"format": "pt", FINGERPRINT_KEY: manifest.base_fingerprint, "edgepeft.version": edgepeft.__version__}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
@@ -50,7 +52,9 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
     directory = Path(directory)
     config = _read_config(directory / ADAPTER_CONFIG)
     if config.get("peft_type") != manifest.peft_config.get("peft_type"):
-        raise AdapterError(f"adapter peft_type {config.get('peft_type')!r} is not the bundle's {manifest.peft_config.get('peft_type')!r}")
+        raise AdapterError(
+            f"adapter peft_type {config.get('peft_type')!r} is not the bundle's {manifest.peft_config.get('peft_type')!r}"
+        )
     path = directory / WEIGHTS
     if not path.is_file():
         raise AdapterError(f"adapter weights {path} are missing")

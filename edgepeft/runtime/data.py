@@ -6,9 +6,9 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -166,5 +166,7 @@ def trim_padding(batch: Dataset) -> Dataset:
     length = int(used[-1]) + 1 if used.size else 1
     if length == mask.shape[1]:
         return batch
-    features = {k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.features.items()}
+    features = {
+        k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.features.items()
+    }
     return Dataset(features, batch.labels)

@@ -6,9 +6,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -142,7 +142,9 @@ class TrainingSession:
 
     # ---- training and evaluation ----------------------------------------------------------------
 
-    def train(self, data: Dataset, config: TrainConfig = TrainConfig(), progress: Progress | None = None) -> TrainReport:
+    def train(
+        self, data: Dataset, config: TrainConfig = TrainConfig(), progress: Progress | None = None
+    ) -> TrainReport:
         """Train the bundle's trainable parameters on `data` (which must carry labels)."""
         if data.labels is None:
             raise InputError("training data has no labels")
@@ -249,7 +251,9 @@ class TrainingSession:
     def _read_state(self, directory: Path) -> Path:
         checkpoint, progress_file = directory / STATE_CHECKPOINT, directory / STATE_PROGRESS
         if not checkpoint.is_file() or not progress_file.is_file():
-            raise BundleError(f"{directory} is not a saved training state ({STATE_CHECKPOINT} or {STATE_PROGRESS} missing)")
+            raise BundleError(
+                f"{directory} is not a saved training state ({STATE_CHECKPOINT} or {STATE_PROGRESS} missing)"
+            )
         try:
             progress = json.loads(progress_file.read_text(encoding="utf-8"))
             step, fingerprint = int(progress["step"]), progress["base_fingerprint"]

@@ -33,6 +33,4 @@ class TextEncoder:
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts))
-        return {
-            name: np.array([getattr(e, _FIELDS[name]) for e in encodings], dtype=np.int64) for name in self._inputs
-        }
+        return {name: np.array([getattr(e, _FIELDS[name]) for e in encodings], dtype=np.int64) for name in self._inputs}
