@@ -76,8 +76,10 @@ def test_labels_out_of_range_or_miscounted(mlp_bundle):
         session.dataset({"x": x}, np.full(len(x), 4))
     with pytest.raises(InputError, match="31 labels for 32 examples"):
         session.dataset({"x": x}, y[:-1])
-    with pytest.raises(InputError, match="training data has no labels"):
+    with pytest.raises(InputError, match="training data is empty or has no labels"):
         session.train(session.dataset({"x": x}))
+    with pytest.raises(InputError, match="evaluation data is empty"):
+        session.evaluate(session.dataset({"x": x[:0]}, y[:0]))
 
 
 # ---- data files ---------------------------------------------------------------------------------

@@ -94,13 +94,13 @@ class TrainingSession:
         checkpoint = self.bundle.file(mf.CHECKPOINT)
         if state is not None:
             checkpoint = self._read_state(Path(state))
+        from onnxruntime import SessionOptions
+
+        options = SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
+        options.intra_op_num_threads = threads
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
-            from onnxruntime import SessionOptions
-
-            options = SessionOptions()
-            options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
-            options.intra_op_num_threads = threads
             self._module = api.Module(
                 str(self.bundle.file(mf.TRAINING_MODEL)),
                 self._state,
@@ -146,8 +146,8 @@ class TrainingSession:
         self, data: Dataset, config: TrainConfig = TrainConfig(), progress: Progress | None = None
     ) -> TrainReport:
         """Train the bundle's trainable parameters on `data` (which must carry labels)."""
-        if data.labels is None:
-            raise InputError("training data has no labels")
+        if data.labels is None or len(data) == 0:
+            raise InputError("training data is empty or has no labels")
         rng = np.random.default_rng(config.seed + self.step) if config.shuffle else None
         steps_per_epoch = -(-len(data) // config.batch_size)
         total = steps_per_epoch * config.epochs
@@ -174,8 +174,8 @@ class TrainingSession:
 
     def evaluate(self, data: Dataset, batch_size: int = 8) -> EvalReport:
         """Mean loss over `data`, and accuracy for a classifier (or per-output accuracy for BCE)."""
-        if data.labels is None:
-            raise InputError("evaluation data has no labels")
+        if data.labels is None or len(data) == 0:
+            raise InputError("evaluation data is empty or has no labels")
         self._module.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for batch in batches(data, batch_size):
