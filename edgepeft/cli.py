@@ -300,12 +300,14 @@ def inspect(path: str) -> None:
         return
     from safetensors import safe_open
 
-    from edgepeft.runtime.adapter import FINGERPRINT_KEY, WEIGHTS, _read_config
+    from edgepeft.errors import AdapterError
+    from edgepeft.fileio import read_json_object
+    from edgepeft.runtime.adapter import FINGERPRINT_KEY, WEIGHTS
 
-    config = _read_config(Path(path) / "adapter_config.json")
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise EdgePeftError(f"{path} is neither a bundle ({MANIFEST_FILE}) nor an adapter ({WEIGHTS})")
+    config = read_json_object(Path(path) / "adapter_config.json", AdapterError, "adapter config")
     with safe_open(str(weights), framework="numpy") as f:
         meta = f.metadata() or {}
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
+    """Parse a JSON file that must hold an object; any problem raises `error` naming `what` and the path."""
+    if not path.is_file():
+        raise error(f"{what} {path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} does not hold a JSON object")
+    return data
 
 
 @contextlib.contextmanager

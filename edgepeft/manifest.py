@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepeft.errors import BundleError
+from edgepeft.fileio import read_json_object
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -148,10 +149,4 @@ class Manifest:
         path = Path(directory) / MANIFEST_FILE
         if not path.is_file():
             raise BundleError(f"{directory} is not a bundle: {MANIFEST_FILE} is missing")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise BundleError(f"{path} does not hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, BundleError, "manifest"))

@@ -104,5 +104,7 @@ def test_runtime_errors_are_one_line(runner, minilm_int8, tmp_path):
     assert result.exit_code == 1 and result.output.strip() == f"Error: {empty} holds no examples"
     result = runner.invoke(main, ["train", str(tmp_path), "--data", str(empty)])
     assert result.exit_code == 1 and "is not a bundle: manifest.json is missing" in result.output
+    result = runner.invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "is neither a bundle (manifest.json) nor an adapter" in result.output
     result = runner.invoke(main, ["predict", str(minilm_int8)])
     assert result.exit_code == 2 and "give --text or --data" in result.output

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 import edgepeft
 from edgepeft.errors import AdapterError
-from edgepeft.fileio import atomic_directory
+from edgepeft.fileio import atomic_directory, read_json_object
 from edgepeft.manifest import ADAPTER_CONFIG, Manifest
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
             or its tensors do not match the bundle's trainable parameters.
     """
     directory = Path(directory)
-    config = _read_config(directory / ADAPTER_CONFIG)
+    config = read_json_object(directory / ADAPTER_CONFIG, AdapterError, "adapter config")
     if config.get("peft_type") != manifest.peft_config.get("peft_type"):
         raise AdapterError(
             f"adapter peft_type {config.get('peft_type')!r} is not the bundle's {manifest.peft_config.get('peft_type')!r}"
@@ -87,15 +87,3 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
             raise AdapterError(f"adapter tensor {key} holds NaN or infinite values")
         values[spec.name] = array.astype(np.float32)
     return values
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise AdapterError(f"adapter config {path} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"adapter config {path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"adapter config {path} does not hold a JSON object")
-    return config
