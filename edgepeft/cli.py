@@ -156,10 +156,27 @@ def _progress_bar(label: str) -> tuple[Callable[[int, int, float], None], Callab
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="CSV (text,label) or JSONL file of training examples.")
 @click.option("--eval-data", type=click.Path(), help="Held-out file: accuracy is measured before and after training.")
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=2, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", "learning_rate", default=2e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--schedule",
+    type=click.Choice(["constant", "linear", "cosine"]),
+    default="constant",
+    show_default=True,
+    help="Learning-rate decay over the run.",
+)
+@click.option("--warmup-steps", default=0, show_default=True, help="Steps of linear learning-rate warm-up.")
+@click.option("--grad-accumulation", default=1, show_default=True, help="Batches per optimizer step.")
 @click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
+@click.option("--max-steps", type=int, help="Stop the run after this many optimizer steps.")
+@click.option("--max-seconds", type=float, help="Stop this call after this many seconds (resumable).")
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    help="Save crash-safe state here and resume from it: rerun the same command after a kill.",
+)
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between saves to --checkpoint-dir.")
 @click.option("--adapter", help="Adapter directory to start from.")
 @click.option("--resume", "state", type=click.Path(), help="Training state directory to resume from.")
 @click.option("--adapter-out", type=click.Path(), help="Write the trained adapter here.")
@@ -172,7 +189,14 @@ def train(
     epochs: int,
     batch_size: int,
     learning_rate: float,
+    schedule: str,
+    warmup_steps: int,
+    grad_accumulation: int,
     seed: int,
+    max_steps: int | None,
+    max_seconds: float | None,
+    checkpoint_dir: str | None,
+    checkpoint_every: int,
     adapter: str | None,
     state: str | None,
     adapter_out: str | None,
@@ -182,7 +206,11 @@ def train(
     """Train BUNDLE on a local data file, on this device."""
     from edgepeft.runtime import TrainConfig
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, schedule=schedule,
+        warmup_steps=warmup_steps, grad_accumulation=grad_accumulation, seed=seed,
+        max_steps=max_steps, max_seconds=max_seconds,
+    )  # fmt: skip
     session = _session(bundle, adapter, state)
     train_set = session.load_data(data)
     held_out = session.load_data(eval_data) if eval_data else None
@@ -196,10 +224,13 @@ def train(
         figures["accuracy_before"] = session.evaluate(held_out).accuracy
     update, close = _progress_bar("training")
     try:
-        result = session.train(train_set, config, progress=update)
+        result = session.train(
+            train_set, config, update, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every
+        )
     finally:
         close()
     figures.update(
+        stopped=result.stopped,
         steps=result.steps,
         total_steps=session.step,
         epoch_losses=result.epoch_losses,
@@ -224,7 +255,7 @@ def _summary(figures: dict[str, Any]) -> str:
     parts = [
         f"{figures['steps']} steps",
         f"{figures['median_step_ms']:.0f} ms/step (median)",
-        f"final epoch loss {figures['epoch_losses'][-1]:.4f}",
+        f"stopped: {figures['stopped']}",
         f"peak RSS {figures['peak_rss_mb']:.0f} MB",
     ]
     if "accuracy_after" in figures:
@@ -324,7 +355,7 @@ def inspect(path: str) -> None:
     type=click.Path(file_okay=False),
     help="Working directory for the bundles, data split and adapter.",
 )
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=2, show_default=True)
 @click.option("--lr", "learning_rate", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--report", type=click.Path(), help="Write the figures as JSON here.")

@@ -54,7 +54,7 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_demo(out: Path, epochs: int = 3, learning_rate: float = 2e-3, seed: int = 0) -> dict[str, Any]:
+def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int = 0) -> dict[str, Any]:
     """Export the int8 and fp32 bundles on the host, then train the int8 one in a separate device process."""
     from edgepeft.export import ExportOptions, LoraSpec, export
 

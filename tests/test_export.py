@@ -99,6 +99,14 @@ def test_manifest_records_inputs_versions_and_checksums(tmp_path):
     assert mf.Manifest.from_dict(on_disk) == manifest
 
 
+def test_export_is_reproducible(tmp_path):
+    first, second = export_tiny("mlp", tmp_path / "a"), export_tiny("mlp", tmp_path / "b")
+    # Same sha256 for every file holding weights or graphs (lora_A and head init included); ORT gives
+    # the optimizer graph's nodes fresh unique names on each build, so that file alone differs.
+    for name in (mf.CHECKPOINT, mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.INFERENCE_MODEL):
+        assert first.files[name] == second.files[name], name
+
+
 def test_fingerprint_is_the_same_for_int8_and_fp32_and_differs_between_bases(tmp_path):
     a = export_tiny("mlp", tmp_path / "a", quantization="int8")
     b = export_tiny("mlp", tmp_path / "b", quantization="fp32")

@@ -64,7 +64,9 @@ def export(
         raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
     loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
     with atomic_directory(output_dir, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
-        traced = _trace(model, example_inputs, lora, options, Path(tmp), out)
+        with torch.random.fork_rng():  # seeded init of the head and lora_A, leaving the caller's RNG alone
+            torch.manual_seed(options.seed)
+            traced = _trace(model, example_inputs, lora, options, Path(tmp), out)
         module, forward = traced.adapted.module, traced.graph
         trainable = list(traced.adapted.adapter_keys)
         if example_labels is None:

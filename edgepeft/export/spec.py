@@ -45,7 +45,7 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How the bundle is compiled: loss, optimizer, backbone quantization, text length."""
+    """How the bundle is compiled: loss, optimizer, backbone quantization, text length, init seed."""
 
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
@@ -53,6 +53,7 @@ class ExportOptions:
     max_length: int = 128
     opset: int = 17
     labels: tuple[str, ...] = ()
+    seed: int = 0  # initialises the new head and lora_A: the same inputs give the same bundle
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -2,7 +2,8 @@
 
 from edgepeft.runtime.bundle import Bundle, open_bundle
 from edgepeft.runtime.data import Dataset
-from edgepeft.runtime.session import EvalReport, Prediction, TrainConfig, TrainingSession, TrainReport
+from edgepeft.runtime.session import EvalReport, Prediction, TrainingSession, TrainReport
+from edgepeft.runtime.train_config import TrainConfig
 
 __all__ = [
     "Bundle",

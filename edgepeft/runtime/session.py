@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,45 +13,37 @@ import numpy as np
 
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, InputError
-from edgepeft.fileio import atomic_directory
 from edgepeft.runtime.adapter import load_adapter, save_adapter
 from edgepeft.runtime.bundle import Bundle, open_bundle
-from edgepeft.runtime.data import Dataset, batches, check_features, check_labels, encode_labels, read_text_file
+from edgepeft.runtime.checkpoint import PROGRESS as PROGRESS_FILE
+from edgepeft.runtime.checkpoint import Progress, read_state, write_state
+from edgepeft.runtime.data import (
+    Dataset,
+    batches,
+    check_features,
+    check_labels,
+    encode_labels,
+    read_text_file,
+    trim_padding,
+)
 from edgepeft.runtime.ort import training_api
+from edgepeft.runtime.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-STATE_CHECKPOINT = "checkpoint"
-STATE_PROGRESS = "progress.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train: epochs, batch size, learning rate, shuffling and its seed."""
-
-    epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    shuffle: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise InputError(f"`epochs` must be positive, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise InputError(f"`batch_size` must be positive, got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise InputError(f"`learning_rate` must be positive, got {self.learning_rate}")
 
 
 @dataclass
 class TrainReport:
-    """What a call to `train` did: steps, loss per epoch, and time per step."""
+    """What a call to `train` did: optimizer steps, mean loss per epoch finished, time per step, and why it stopped.
+
+    `stopped` is "complete", "max_steps", "max_seconds" or "cancelled".
+    """
 
     steps: int
     epoch_losses: list[float]
     step_ms: list[float] = field(repr=False)
     seconds: float
+    stopped: str = "complete"
 
     @property
     def median_step_ms(self) -> float:
@@ -76,8 +67,8 @@ class Prediction:
     labels: list[str] | None = None
 
 
-# progress(step, total_steps, loss)
-Progress = Callable[[int, int, float], None]
+# on_step(step_in_run, total_steps_in_run, loss)
+StepCallback = Callable[[int, int, float], None]
 
 
 class TrainingSession:
@@ -89,16 +80,28 @@ class TrainingSession:
     def __init__(self, bundle: Bundle | str | os.PathLike, state: str | os.PathLike | None = None, threads: int = 0):
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest = self.bundle.manifest
-        self.step = 0
-        api = training_api()
-        checkpoint = self.bundle.file(mf.CHECKPOINT)
+        self.progress = Progress()
+        self._threads = threads
+        self._input_names = [spec.name for spec in self.manifest.inputs]
+        self._encoder = None
         if state is not None:
-            checkpoint = self._read_state(Path(state))
+            self._restore(state)
+        else:
+            self._open(self.bundle.file(mf.CHECKPOINT))
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken since the bundle was exported (carried across saved states)."""
+        return self.progress.step
+
+    def _open(self, checkpoint: Path) -> None:
+        """Build the ORT state, training module and optimizer on a checkpoint file."""
         from onnxruntime import SessionOptions
 
+        api = training_api()
         options = SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = self._threads
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
             self._module = api.Module(
@@ -109,9 +112,14 @@ class TrainingSession:
             )
             self._optimizer = api.Optimizer(str(self.bundle.file(mf.OPTIMIZER_MODEL)), self._module)
         except Exception as e:  # ORT raises plain RuntimeErrors/Fail for unreadable models
-            raise BundleError(f"ONNX Runtime cannot load bundle {self.bundle.path}: {str(e).splitlines()[0]}") from None
-        self._input_names = [spec.name for spec in self.manifest.inputs]
-        self._encoder = None
+            raise BundleError(
+                f"ONNX Runtime cannot load {checkpoint} with bundle {self.bundle.path}: {str(e).splitlines()[0]}"
+            ) from None
+
+    def _restore(self, directory: str | os.PathLike) -> None:
+        checkpoint, progress = read_state(directory, self.manifest.base_fingerprint)
+        self._open(checkpoint)
+        self.progress = progress
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -143,34 +151,84 @@ class TrainingSession:
     # ---- training and evaluation ----------------------------------------------------------------
 
     def train(
-        self, data: Dataset, config: TrainConfig = TrainConfig(), progress: Progress | None = None
+        self,
+        data: Dataset,
+        config: TrainConfig = TrainConfig(),
+        on_step: StepCallback | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        cancel: Callable[[], bool] | None = None,
     ) -> TrainReport:
-        """Train the bundle's trainable parameters on `data` (which must carry labels)."""
+        """Train the trainable parameters on `data` (which must carry labels).
+
+        With `checkpoint_dir`, the state is saved there every `checkpoint_every` steps and when the call
+        ends, and a state already there is resumed: after a kill, calling `train` again with the same data
+        and config finishes the run with the step count it would have reached uninterrupted. A finished
+        run is not repeated. `cancel` is called between steps; returning True stops cleanly.
+        """
         if data.labels is None or len(data) == 0:
             raise InputError("training data is empty or has no labels")
-        rng = np.random.default_rng(config.seed + self.step) if config.shuffle else None
-        steps_per_epoch = -(-len(data) // config.batch_size)
-        total = steps_per_epoch * config.epochs
-        self._optimizer.set_learning_rate(config.learning_rate)
-        self._module.train()
+        if checkpoint_every < 0:
+            raise InputError(f"`checkpoint_every` must be >= 0, got {checkpoint_every}")
+        run = config.run_identity(len(data))
+        if checkpoint_dir is not None and (Path(checkpoint_dir) / PROGRESS_FILE).is_file():
+            self._restore(checkpoint_dir)
+            if self.progress.complete and self.progress.run == run:
+                return TrainReport(0, [], [], 0.0, "complete")
+        if self.progress.run != run or self.progress.complete:
+            self.progress = Progress(step=self.step, run=run, run_start=self.step)
+        p = self.progress
+        total = config.total_steps(len(data))
+        batches_per_epoch = -(-len(data) // config.batch_size)
         step_ms: list[float] = []
-        epoch_losses = []
-        start = time.perf_counter()
-        for _ in range(config.epochs):
-            loss_sum = 0.0
-            for batch in batches(data, config.batch_size, rng):
+        epoch_losses: list[float] = []
+        stopped = "complete"
+        started = time.perf_counter()
+        self._module.train()
+        while p.epoch < config.epochs and stopped == "complete":
+            order = self._epoch_order(len(data), config, p)
+            loss_sum, seen = 0.0, 0
+            while p.batch < batches_per_epoch:
+                done = p.step - p.run_start
+                if config.max_steps is not None and done >= config.max_steps:
+                    stopped = "max_steps"
+                elif config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
+                    stopped = "max_seconds"
+                elif cancel is not None and cancel():
+                    stopped = "cancelled"
+                if stopped != "complete":
+                    break
                 t0 = time.perf_counter()
-                loss = float(self._module(*self._feeds(batch))[0])
+                self._optimizer.set_learning_rate(config.learning_rate_at(done, total))
+                end = min(p.batch + config.grad_accumulation, batches_per_epoch)
+                for index in range(p.batch, end):  # gradients add up until the optimizer step
+                    batch = trim_padding(data.take(order[index * config.batch_size : (index + 1) * config.batch_size]))
+                    loss = float(self._module(*self._feeds(batch))[0])
+                    loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
                 self._optimizer.step()
                 self._module.lazy_reset_grad()
+                p.batch, p.step = end, p.step + 1
                 step_ms.append((time.perf_counter() - t0) * 1000)
-                self.step += 1
-                loss_sum += loss * len(batch)
-                if progress is not None:
-                    progress(len(step_ms), total, loss)
-            epoch_losses.append(loss_sum / len(data))
-            logger.info("epoch done: mean loss %.4f", epoch_losses[-1])
-        return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - start)
+                if on_step is not None:
+                    on_step(done + 1, total, loss)
+                if checkpoint_dir is not None and checkpoint_every and (done + 1) % checkpoint_every == 0:
+                    self.save_state(checkpoint_dir)
+            if p.batch >= batches_per_epoch:
+                epoch_losses.append(loss_sum / max(seen, 1))
+                logger.info("epoch %d done: mean loss %.4f", p.epoch + 1, epoch_losses[-1])
+                p.epoch, p.batch = p.epoch + 1, 0
+        p.complete = stopped in ("complete", "max_steps")
+        if checkpoint_dir is not None:
+            self.save_state(checkpoint_dir)
+        return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - started, stopped)
+
+    @staticmethod
+    def _epoch_order(examples: int, config: TrainConfig, progress: Progress) -> np.ndarray:
+        """The example order of one epoch: a function of seed, run and epoch only, so a resumed run repeats it."""
+        if not config.shuffle:
+            return np.arange(examples)
+        return np.random.default_rng([config.seed, progress.run_start, progress.epoch]).permutation(examples)
 
     def evaluate(self, data: Dataset, batch_size: int = 8) -> EvalReport:
         """Mean loss over `data`, and accuracy for a classifier (or per-output accuracy for BCE)."""
@@ -240,26 +298,10 @@ class TrainingSession:
             params[name] = value
 
     def save_state(self, directory: str | os.PathLike) -> Path:
-        """Save parameters, optimizer state and step count, to resume with `TrainingSession(bundle, state=...)`."""
+        """Save parameters, optimizer state and progress (crash-safe); resume with `TrainingSession(bundle, state=...)`."""
         api = training_api()
-        with atomic_directory(directory, overwrite=True) as tmp:
-            api.CheckpointState.save_checkpoint(self._state, str(tmp / STATE_CHECKPOINT), include_optimizer_state=True)
-            progress = {"step": self.step, "base_fingerprint": self.manifest.base_fingerprint}
-            (tmp / STATE_PROGRESS).write_text(json.dumps(progress) + "\n")
-        return Path(directory)
 
-    def _read_state(self, directory: Path) -> Path:
-        checkpoint, progress_file = directory / STATE_CHECKPOINT, directory / STATE_PROGRESS
-        if not checkpoint.is_file() or not progress_file.is_file():
-            raise BundleError(
-                f"{directory} is not a saved training state ({STATE_CHECKPOINT} or {STATE_PROGRESS} missing)"
-            )
-        try:
-            progress = json.loads(progress_file.read_text(encoding="utf-8"))
-            step, fingerprint = int(progress["step"]), progress["base_fingerprint"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{progress_file} is malformed: {e}") from None
-        if fingerprint != self.manifest.base_fingerprint:
-            raise BundleError(f"training state {directory} belongs to a different bundle (base fingerprint differs)")
-        self.step = step
-        return checkpoint
+        def save_checkpoint(path: Path) -> None:
+            api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=True)
+
+        return write_state(directory, save_checkpoint, self.progress, self.manifest.base_fingerprint)

@@ -1,0 +1,100 @@
+"""Crash-safe training state on disk: an ORT checkpoint plus a small JSON record of where training stands.
+
+Layout of a state directory:
+    checkpoint-<step>   ORT CheckpointState with optimizer state (written, flushed, fsynced, then named)
+    progress.json       step, position in the run, run settings, and the checkpoint's name and sha256
+
+`progress.json` is replaced atomically (temporary file, fsync, rename) only after the checkpoint it names
+is on disk, so a kill at any moment leaves either the previous complete state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepeft.errors import BundleError
+from edgepeft.fileio import read_json_object, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+PREFIX = "checkpoint-"
+
+
+@dataclass
+class Progress:
+    """Where a run stands: global step, the next (epoch, batch) to train, and whether the run is done."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    complete: bool = False
+    run: dict[str, Any] = field(default_factory=dict)  # settings that must match on resume
+    run_start: int = 0  # global step at which the run began (part of the shuffling seed)
+
+
+def write_state(directory: str | os.PathLike, save_checkpoint, progress: Progress, base_fingerprint: str) -> Path:
+    """Write a new checkpoint with `save_checkpoint(path)`, then point `progress.json` at it atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{PREFIX}{progress.step}"
+    partial = directory / f".{name}.partial"
+    save_checkpoint(partial)
+    _fsync(partial)
+    os.replace(partial, directory / name)
+    record = {**asdict(progress), "checkpoint": name, "sha256": sha256_file(directory / name),
+              "base_fingerprint": base_fingerprint}  # fmt: skip
+    fd, tmp = tempfile.mkstemp(prefix=".progress.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / PROGRESS)
+    _fsync_dir(directory)
+    for old in directory.glob(f"{PREFIX}*"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return directory
+
+
+def read_state(directory: str | os.PathLike, base_fingerprint: str) -> tuple[Path, Progress]:
+    """Verify a state directory (fingerprint, checksum) and return its checkpoint path and progress."""
+    directory = Path(directory)
+    if not (directory / PROGRESS).is_file():
+        raise BundleError(f"{directory} is not a saved training state ({PROGRESS} missing)")
+    record = read_json_object(directory / PROGRESS, BundleError, "training state")
+    try:
+        progress = Progress(
+            step=int(record["step"]), epoch=int(record["epoch"]), batch=int(record["batch"]),
+            complete=bool(record["complete"]), run=dict(record["run"]), run_start=int(record["run_start"]),
+        )  # fmt: skip
+        name, digest, fingerprint = str(record["checkpoint"]), str(record["sha256"]), record["base_fingerprint"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"training state {directory / PROGRESS} is malformed: {type(e).__name__}: {e}") from None
+    if fingerprint != base_fingerprint:
+        raise BundleError(f"training state {directory} belongs to a different bundle (base fingerprint differs)")
+    checkpoint = directory / name
+    if Path(name).name != name or not name.startswith(PREFIX) or not checkpoint.is_file():
+        raise BundleError(f"training state {directory}: checkpoint {name!r} is missing")
+    if sha256_file(checkpoint) != digest:
+        raise BundleError(f"training state {directory}: checkpoint {name} is corrupted (sha256 differs)")
+    return checkpoint, progress
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
