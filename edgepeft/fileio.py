@@ -34,6 +34,20 @@ def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
     return data
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file beside `path`, fsync it, and rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it replaces `target` in one rename.

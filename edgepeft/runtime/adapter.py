@@ -28,9 +28,16 @@ FINGERPRINT_KEY = "edgepeft.base_fingerprint"
 
 
 def save_adapter(
-    manifest: Manifest, values: dict[str, np.ndarray], directory: str | os.PathLike, overwrite: bool = True
+    manifest: Manifest,
+    values: dict[str, np.ndarray],
+    directory: str | os.PathLike,
+    overwrite: bool = True,
+    extra: dict[str, dict] | None = None,
 ) -> Path:
-    """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once."""
+    """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once.
+
+    `extra` maps further JSON file names to their contents, written in the same atomic step.
+    """
     tensors = {
         spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable
     }
@@ -38,6 +45,8 @@ def save_adapter(
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     logger.info("adapter saved to %s (%d tensors)", directory, len(tensors))
     return Path(directory)
 

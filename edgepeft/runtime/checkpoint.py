@@ -10,16 +10,14 @@ is on disk, so a kill at any moment leaves either the previous complete state or
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgepeft.errors import BundleError
-from edgepeft.fileio import read_json_object, sha256_file
+from edgepeft.fileio import read_json_object, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +48,7 @@ def write_state(directory: str | os.PathLike, save_checkpoint, progress: Progres
     os.replace(partial, directory / name)
     record = {**asdict(progress), "checkpoint": name, "sha256": sha256_file(directory / name),
               "base_fingerprint": base_fingerprint}  # fmt: skip
-    fd, tmp = tempfile.mkstemp(prefix=".progress.", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / PROGRESS)
+    write_json_atomic(directory / PROGRESS, record)
     _fsync_dir(directory)
     for old in directory.glob(f"{PREFIX}*"):
         if old.name != name:

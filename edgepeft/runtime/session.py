@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 class TrainReport:
     """What a call to `train` did: optimizer steps, mean loss per epoch finished, time per step, and why it stopped.
 
-    `stopped` is "complete", "max_steps", "max_seconds" or "cancelled".
+    `stopped` is "complete", "max_steps", "max_seconds", "cancelled", or "non_finite" (a NaN or infinite
+    loss: training stops and the parameters are restored to the last ones that gave a finite loss).
     """
 
     steps: int
@@ -184,6 +185,7 @@ class TrainingSession:
         step_ms: list[float] = []
         epoch_losses: list[float] = []
         stopped = "complete"
+        last_good: dict[str, np.ndarray] | None = None
         started = time.perf_counter()
         self._module.train()
         while p.epoch < config.epochs and stopped == "complete":
@@ -206,6 +208,16 @@ class TrainingSession:
                     batch = trim_padding(data.take(order[index * config.batch_size : (index + 1) * config.batch_size]))
                     loss = float(self._module(*self._feeds(batch))[0])
                     loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
+                if not np.isfinite(loss):
+                    self._module.lazy_reset_grad()
+                    if last_good is not None:
+                        self.set_trainable(last_good)
+                    logger.warning(
+                        "loss is %s at step %d: training stopped, last good parameters restored", loss, p.step
+                    )
+                    stopped = "non_finite"
+                    break
+                last_good = self.trainable_values()  # these gave a finite loss: restored if a later one is not
                 self._optimizer.step()
                 self._module.lazy_reset_grad()
                 p.batch, p.step = end, p.step + 1
@@ -292,10 +304,27 @@ class TrainingSession:
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load a PEFT adapter (trained here or on a host) into the trainable parameters."""
-        values = load_adapter(self.manifest, directory)
+        self.set_trainable(load_adapter(self.manifest, directory))
+
+    def set_trainable(self, values: dict[str, np.ndarray]) -> None:
+        """Replace the trainable parameters in place (an adapter swap: the base model is not reloaded)."""
+        expected = {spec.name: spec.shape for spec in self.manifest.trainable}
+        if set(values) != set(expected):
+            raise InputError(f"trainable values must name exactly the bundle's {len(expected)} trainable parameters")
         params = self._state.parameters
         for name, value in values.items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.shape != expected[name]:
+                raise InputError(f"{name} must have shape {expected[name]}, got {value.shape}")
             params[name] = value
+
+    def export_inference(self, path: str | os.PathLike) -> Path:
+        """Write a standalone ONNX model (int8 base + the current adapter) for a plain ORT InferenceSession."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        self._module.export_model_for_inferencing(str(tmp), [spec.name for spec in self.manifest.outputs])
+        os.replace(tmp, path)
+        return path
 
     def save_state(self, directory: str | os.PathLike) -> Path:
         """Save parameters, optimizer state and progress (crash-safe); resume with `TrainingSession(bundle, state=...)`."""

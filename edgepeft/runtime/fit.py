@@ -1,0 +1,110 @@
+"""`fit`: train with a validation split, stop early, keep the best adapter, never store a worse one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgepeft.errors import InputError
+from edgepeft.runtime.data import Dataset
+from edgepeft.runtime.session import TrainingSession
+from edgepeft.runtime.store import AdapterStore
+from edgepeft.runtime.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitReport:
+    """Validation score per evaluation (accuracy for classifiers, else minus the loss), and what was kept."""
+
+    scores: list[float]
+    best_score: float
+    best_step: int
+    stopped: str  # "complete", "early_stop", "non_finite", or a budget reason from `train`
+    stored: bool
+
+
+def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Hold out a seeded `fraction` of `data` (at least one example) for validation."""
+    if not 0 < fraction < 1 or len(data) < 2:
+        raise InputError(f"cannot hold out {fraction} of {len(data)} examples for validation")
+    order = np.random.default_rng(seed).permutation(len(data))
+    cut = max(1, int(round(len(data) * fraction)))
+    return data.take(order[cut:]), data.take(order[:cut])
+
+
+def fit(
+    session: TrainingSession,
+    train: Dataset,
+    validation: Dataset,
+    config: TrainConfig,
+    *,
+    eval_every: int = 50,
+    patience: int = 3,
+    store: AdapterStore | None = None,
+    name: str = "default",
+) -> FitReport:
+    """Train, evaluating on `validation` every `eval_every` steps; stop after `patience` evaluations without
+    improvement; leave the best parameters in the session; and, with a `store`, replace adapter `name`
+    only if the best score beats the stored adapter's score on the same validation data."""
+    if eval_every <= 0 or patience < 0:
+        raise InputError(f"`eval_every` must be positive and `patience` >= 0, got {eval_every}, {patience}")
+    scores: list[float] = []
+    best_score, best_values, best_step = _score(session, validation), session.trainable_values(), session.step
+    scores.append(best_score)
+    stale = 0
+    while True:
+        taken = {"steps": 0}
+
+        def pause() -> bool:
+            taken["steps"] += 1
+            return taken["steps"] > eval_every
+
+        report = session.train(train, config, cancel=pause)
+        if report.stopped == "non_finite":
+            stopped = "non_finite"
+            break
+        score = _score(session, validation)
+        scores.append(score)
+        if score > best_score:
+            best_score, best_values, best_step, stale = score, session.trainable_values(), session.step, 0
+        else:
+            stale += 1
+        if report.stopped != "cancelled":
+            stopped = report.stopped
+            break
+        if stale > patience:
+            stopped = "early_stop"
+            break
+    session.set_trainable(best_values)
+    logger.info("fit: best validation score %.4f at step %d (%s)", best_score, best_step, stopped)
+    stored = False
+    if store is not None:
+        incumbent = _stored_score(session, store, name, validation)
+        if incumbent is None or best_score > incumbent:
+            stored = store.save(name, best_values, steps=best_step, score=best_score)
+        else:
+            logger.info(
+                "fit: kept stored adapter %r (%.4f >= %.4f on this validation set)", name, incumbent, best_score
+            )
+    return FitReport(scores, best_score, best_step, stopped, stored)
+
+
+def _stored_score(session: TrainingSession, store: AdapterStore, name: str, validation: Dataset) -> float | None:
+    """The stored adapter's score on the same validation data (scores from other data do not compare)."""
+    if name not in {info.name for info in store.list()}:
+        return None
+    current = session.trainable_values()
+    session.set_trainable(store.load(name))
+    try:
+        return _score(session, validation)
+    finally:
+        session.set_trainable(current)
+
+
+def _score(session: TrainingSession, data: Dataset) -> float:
+    result = session.evaluate(data)
+    return result.accuracy if result.accuracy is not None else -result.loss
