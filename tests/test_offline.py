@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 OFFLINE_CYCLE = textwrap.dedent(
     """
@@ -46,9 +49,18 @@ OFFLINE_CYCLE = textwrap.dedent(
 )
 
 
-def test_train_eval_predict_save_with_networking_disabled(minilm_int8, austen_split, tmp_path):
+def _network_namespace() -> list[str]:
+    """`unshare -n`: a new network namespace with no usable interface, when this machine allows it."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], check=False).returncode == 0:
+        return ["unshare", "-n"]
+    pytest.skip("unshare -n is not permitted here")
+
+
+@pytest.mark.parametrize("isolation", ["sockets refused", "network namespace"])
+def test_train_eval_predict_save_with_networking_disabled(minilm_int8, austen_split, tmp_path, isolation):
+    prefix = _network_namespace() if isolation == "network namespace" else []
     run = subprocess.run(
-        [sys.executable, "-c", OFFLINE_CYCLE, str(minilm_int8), *map(str, austen_split), str(tmp_path)],
+        [*prefix, sys.executable, "-c", OFFLINE_CYCLE, str(minilm_int8), *map(str, austen_split), str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
