@@ -177,6 +177,15 @@ def _progress_bar(label: str) -> tuple[Callable[[int, int, float], None], Callab
     help="Save crash-safe state here and resume from it: rerun the same command after a kill.",
 )
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between saves to --checkpoint-dir.")
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False),
+    help="Adapter store: hold out a validation split, stop early, keep the best, replace --name only if better.",
+)
+@click.option("--name", default="default", show_default=True, help="Adapter name in --store.")
+@click.option("--validation-fraction", default=0.1, show_default=True, help="Share of --data held out with --store.")
+@click.option("--eval-every", default=50, show_default=True, help="Steps between validations with --store.")
+@click.option("--patience", default=3, show_default=True, help="Validations without improvement before stopping.")
 @click.option("--adapter", help="Adapter directory to start from.")
 @click.option("--resume", "state", type=click.Path(), help="Training state directory to resume from.")
 @click.option("--adapter-out", type=click.Path(), help="Write the trained adapter here.")
@@ -197,6 +206,11 @@ def train(
     max_seconds: float | None,
     checkpoint_dir: str | None,
     checkpoint_every: int,
+    store: str | None,
+    name: str,
+    validation_fraction: float,
+    eval_every: int,
+    patience: int,
     adapter: str | None,
     state: str | None,
     adapter_out: str | None,
@@ -224,9 +238,22 @@ def train(
         figures["accuracy_before"] = session.evaluate(held_out).accuracy
     update, close = _progress_bar("training")
     try:
-        result = session.train(
-            train_set, config, update, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every
-        )
+        if store:
+            from edgepeft.runtime.fit import fit, split_validation
+            from edgepeft.runtime.store import AdapterStore
+
+            adapters = AdapterStore(store, session.manifest)
+            if not adapter and name in {info.name for info in adapters.list()}:
+                session.set_trainable(adapters.load(name))  # improve on the stored adapter
+            train_set, validation = split_validation(train_set, validation_fraction, seed)
+            fitted = fit(session, train_set, validation, config, eval_every=eval_every, patience=patience,
+                         store=adapters, name=name, on_step=update)  # fmt: skip
+            result = fitted.training
+            figures.update(validation_scores=fitted.scores, best_score=fitted.best_score, stored=fitted.stored)
+        else:
+            result = session.train(
+                train_set, config, update, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every
+            )
     finally:
         close()
     figures.update(
@@ -345,6 +372,69 @@ def inspect(path: str) -> None:
     click.echo(f"adapter {path}: {config.get('peft_type')} r={config.get('r')} targets={config.get('target_modules')}")
     click.echo(f"  base:    sha256 {meta.get(FINGERPRINT_KEY, 'not recorded')[:16]}")
     click.echo(f"  tensors: {len(shapes)}, {sum(math.prod(s) for s in shapes.values()):,} values")
+
+
+@main.group()
+def adapters() -> None:
+    """Manage an adapter store: named adapters beside one bundle."""
+
+
+def _store(bundle: str, store: str):
+    from edgepeft.runtime import open_bundle
+    from edgepeft.runtime.store import AdapterStore
+
+    return AdapterStore(store, open_bundle(bundle).manifest)
+
+
+_bundle_option = click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False),
+                              help="The bundle the store's adapters belong to.")  # fmt: skip
+
+
+@adapters.command(name="list", cls=_Command)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@_bundle_option
+def adapters_list(store: str, bundle: str) -> None:
+    """List the adapters in STORE with their metadata; * marks the active one."""
+    adapter_store = _store(bundle, store)
+    active = adapter_store.active
+    for info in adapter_store.list():
+        score = "-" if info.score is None else f"{info.score:.4f}"
+        click.echo(
+            f"{'*' if info.name == active else ' '} {info.name}\tsteps {info.steps}\tscore {score}\t{info.created}"
+        )
+
+
+@adapters.command(name="activate", cls=_Command)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@_bundle_option
+def adapters_activate(store: str, name: str, bundle: str) -> None:
+    """Make NAME the active adapter of STORE."""
+    _store(bundle, store).activate(name)
+    click.echo(f"active adapter: {name}")
+
+
+@adapters.command(name="delete", cls=_Command)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@_bundle_option
+def adapters_delete(store: str, name: str, bundle: str) -> None:
+    """Delete adapter NAME from STORE."""
+    _store(bundle, store).delete(name)
+    click.echo(f"deleted adapter: {name}")
+
+
+@adapters.command(name="export", cls=_Command)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@_bundle_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+def adapters_export(store: str, name: str, bundle: str, out: str) -> None:
+    """Write a standalone inference model (int8 base + adapter NAME) for a plain ONNX Runtime session."""
+    session = _session(bundle)
+    session.set_trainable(_store(bundle, store).load(name))
+    path = session.export_inference(out)
+    click.echo(f"inference model {path}: {path.stat().st_size / 1e6:.1f} MB")
 
 
 @main.command(cls=_Command)

@@ -9,7 +9,7 @@ import numpy as np
 
 from edgepeft.errors import InputError
 from edgepeft.runtime.data import Dataset
-from edgepeft.runtime.session import TrainingSession
+from edgepeft.runtime.session import StepCallback, TrainingSession, TrainReport
 from edgepeft.runtime.store import AdapterStore
 from edgepeft.runtime.train_config import TrainConfig
 
@@ -25,6 +25,7 @@ class FitReport:
     best_step: int
     stopped: str  # "complete", "early_stop", "non_finite", or a budget reason from `train`
     stored: bool
+    training: TrainReport  # all steps taken, across the evaluation pauses
 
 
 def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -46,6 +47,7 @@ def fit(
     patience: int = 3,
     store: AdapterStore | None = None,
     name: str = "default",
+    on_step: StepCallback | None = None,
 ) -> FitReport:
     """Train, evaluating on `validation` every `eval_every` steps; stop after `patience` evaluations without
     improvement; leave the best parameters in the session; and, with a `store`, replace adapter `name`
@@ -56,6 +58,7 @@ def fit(
     best_score, best_values, best_step = _score(session, validation), session.trainable_values(), session.step
     scores.append(best_score)
     stale = 0
+    training = TrainReport(0, [], [], 0.0)
     while True:
         taken = {"steps": 0}
 
@@ -63,7 +66,12 @@ def fit(
             taken["steps"] += 1
             return taken["steps"] > eval_every
 
-        report = session.train(train, config, cancel=pause)
+        report = session.train(train, config, on_step, cancel=pause)
+        training.steps += report.steps
+        training.epoch_losses += report.epoch_losses
+        training.step_ms += report.step_ms
+        training.seconds += report.seconds
+        training.stopped = report.stopped
         if report.stopped == "non_finite":
             stopped = "non_finite"
             break
@@ -90,7 +98,7 @@ def fit(
             logger.info(
                 "fit: kept stored adapter %r (%.4f >= %.4f on this validation set)", name, incumbent, best_score
             )
-    return FitReport(scores, best_score, best_step, stopped, stored)
+    return FitReport(scores, best_score, best_step, stopped, stored, training)
 
 
 def _stored_score(session: TrainingSession, store: AdapterStore, name: str, validation: Dataset) -> float | None:
