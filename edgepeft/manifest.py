@@ -29,6 +29,10 @@ QUANTIZATIONS = ("int8", "fp32")
 DTYPES = ("float32", "int64", "int32", "bool")
 
 
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A named tensor: dtype and shape, with a string for each dynamic dimension (e.g. "batch")."""
@@ -38,6 +42,8 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not all(isinstance(d, (int, str)) for d in self.shape):
+            raise BundleError(f"tensor spec {self.name!r} has a malformed name or shape")
         if self.dtype not in DTYPES:
             raise BundleError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}")
         object.__setattr__(self, "shape", tuple(self.shape))
@@ -52,6 +58,8 @@ class ParamSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.adapter_key, str):
+            raise BundleError(f"trainable parameter {self.name!r} has a malformed name or adapter key")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
 
@@ -99,9 +107,17 @@ class Manifest:
             raise BundleError(
                 f"manifest has {len(self.labels)} labels but the output has shape {self.outputs[0].shape}"
             )
-        for rel in self.files:
-            if os.path.isabs(rel) or ".." in Path(rel).parts:
+        for rel, digest in self.files.items():
+            if not isinstance(rel, str) or os.path.isabs(rel) or ".." in Path(rel).parts:
                 raise BundleError(f"manifest file entry {rel!r} points outside the bundle")
+            if not _is_sha256(digest):
+                raise BundleError(f"manifest file entry {rel!r} has no sha256 digest")
+        if not _is_sha256(self.base_fingerprint):
+            raise BundleError("manifest base_fingerprint is not a sha256 digest")
+        if not all(isinstance(label, str) for label in self.labels):
+            raise BundleError("manifest labels must be strings")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length <= 0):
+            raise BundleError(f"manifest max_length {self.max_length!r} is not a positive integer")
 
     @property
     def output(self) -> TensorSpec:
@@ -140,7 +156,7 @@ class Manifest:
                 stats=dict(data.get("stats", {})),
                 schema_version=data.get("schema_version", -1),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise BundleError(f"manifest is malformed: {type(e).__name__}: {e}") from None
 
     @classmethod

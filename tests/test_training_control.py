@@ -16,7 +16,7 @@ from conftest import export_tiny
 
 from edgepeft.errors import BundleError, InputError
 from edgepeft.runtime import TrainConfig, TrainingSession
-from edgepeft.runtime.checkpoint import PROGRESS, read_state
+from edgepeft.runtime.checkpoint import PROGRESS, Progress, read_state
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,20 @@ def test_max_steps_and_grad_accumulation_count_optimizer_steps(mlp_bundle):
     assert report.steps == 12 and report.stopped == "complete" and len(report.epoch_losses) == 3
     report = session.train(data, TrainConfig(epochs=3, max_steps=5))
     assert report.steps == 5 and report.stopped == "max_steps" and session.step == 17
+
+
+def test_balanced_sampling_evens_out_skewed_labels(mlp_bundle):
+    session = TrainingSession(mlp_bundle)
+    rng = np.random.default_rng(0)
+    labels = np.where(rng.random(400) < 0.9, 0, rng.integers(1, 4, 400))  # 90% class 0
+    data = session.dataset({"x": rng.normal(size=(400, 16)).astype(np.float32)}, labels)
+    order = session._epoch_order(data.labels, TrainConfig(balanced=True), Progress())
+    shares = np.bincount(labels[order], minlength=4) / len(order)
+    assert np.abs(shares - 0.25).max() < 0.07
+    plain = session._epoch_order(data.labels, TrainConfig(), Progress())
+    assert sorted(plain) == list(range(400))
+    report = session.train(data, TrainConfig(epochs=1, balanced=True))
+    assert report.steps == 50
 
 
 def test_cancel_and_time_budget_stop_cleanly_and_resume(mlp_bundle, tmp_path):

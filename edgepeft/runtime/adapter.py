@@ -7,6 +7,7 @@ The base model's fingerprint travels in the safetensors metadata, which PEFT ign
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "adapter_model.safetensors"
 FINGERPRINT_KEY = "edgepeft.base_fingerprint"
+CHECKSUM_KEY = "edgepeft.sha256"  # of the tensors' names, shapes and bytes: catches flipped bits
 
 
 def save_adapter(
@@ -41,7 +43,12 @@ def save_adapter(
     tensors = {
         spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable
     }
-    metadata = {"format": "pt", FINGERPRINT_KEY: manifest.base_fingerprint, "edgepeft.version": edgepeft.__version__}
+    metadata = {
+        "format": "pt",
+        FINGERPRINT_KEY: manifest.base_fingerprint,
+        CHECKSUM_KEY: _checksum(tensors),
+        "edgepeft.version": edgepeft.__version__,
+    }
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True) + "\n")
@@ -79,6 +86,9 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
             f"adapter {directory} was made for a different base model "
             f"(fingerprint {fingerprint[:12]}..., this bundle's is {manifest.base_fingerprint[:12]}...)"
         )
+    checksum = metadata.get(CHECKSUM_KEY)
+    if checksum is not None and checksum != _checksum(tensors):
+        raise AdapterError(f"adapter weights {path} are corrupted (checksum differs)")
     expected = {spec.adapter_key: spec for spec in manifest.trainable}
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
@@ -96,3 +106,12 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
             raise AdapterError(f"adapter tensor {key} holds NaN or infinite values")
         values[spec.name] = array.astype(np.float32)
     return values
+
+
+def _checksum(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key])
+        digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

@@ -44,10 +44,13 @@ def open_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     for name in REQUIRED:
         if name not in manifest.files:
             raise BundleError(f"bundle manifest does not list {name}")
+    root = path.resolve()
     for name, digest in manifest.files.items():
         file = path / name
         if not file.is_file():
             raise BundleError(f"bundle file {name} is missing from {path}")
+        if not file.resolve().is_relative_to(root):
+            raise BundleError(f"bundle file {name} links outside the bundle")
         if verify and sha256_file(file) != digest:
             raise BundleError(f"bundle file {name} is corrupted: its sha256 differs from the manifest")
     return Bundle(path, manifest)

@@ -17,6 +17,8 @@ from edgepeft.manifest import Manifest, TensorSpec
 
 logger = logging.getLogger(__name__)
 
+MAX_DATA_BYTES = 1 << 30  # a local text file larger than this is not personal data: refuse, don't read
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -86,6 +88,8 @@ def read_text_file(path: str | os.PathLike) -> tuple[list[str], list[str] | None
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    if path.stat().st_size > MAX_DATA_BYTES:
+        raise DataError(f"data file {path} is larger than {MAX_DATA_BYTES >> 20} MiB: split it")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -116,6 +116,10 @@ class TrainingSession:
             raise BundleError(
                 f"ONNX Runtime cannot load {checkpoint} with bundle {self.bundle.path}: {str(e).splitlines()[0]}"
             ) from None
+        params = self._state.parameters
+        for spec in self.manifest.trainable:
+            if spec.name not in params or tuple(params[spec.name].data.shape) != spec.shape:
+                raise BundleError(f"bundle manifest says {spec.name} has shape {spec.shape}; the checkpoint disagrees")
 
     def _restore(self, directory: str | os.PathLike) -> None:
         checkpoint, progress = read_state(directory, self.manifest.base_fingerprint)
@@ -189,7 +193,7 @@ class TrainingSession:
         started = time.perf_counter()
         self._module.train()
         while p.epoch < config.epochs and stopped == "complete":
-            order = self._epoch_order(len(data), config, p)
+            order = self._epoch_order(data.labels, config, p)
             loss_sum, seen = 0.0, 0
             while p.batch < batches_per_epoch:
                 done = p.step - p.run_start
@@ -235,12 +239,17 @@ class TrainingSession:
             self.save_state(checkpoint_dir)
         return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - started, stopped)
 
-    @staticmethod
-    def _epoch_order(examples: int, config: TrainConfig, progress: Progress) -> np.ndarray:
+    def _epoch_order(self, labels: np.ndarray, config: TrainConfig, progress: Progress) -> np.ndarray:
         """The example order of one epoch: a function of seed, run and epoch only, so a resumed run repeats it."""
-        if not config.shuffle:
-            return np.arange(examples)
-        return np.random.default_rng([config.seed, progress.run_start, progress.epoch]).permutation(examples)
+        examples = len(labels)
+        rng = np.random.default_rng([config.seed, progress.run_start, progress.epoch])
+        if config.balanced:
+            if not self.manifest.is_classifier:
+                raise InputError("`balanced` sampling needs class labels (a cross_entropy bundle)")
+            _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+            weights = 1.0 / counts[inverse]
+            return rng.choice(examples, size=examples, replace=True, p=weights / weights.sum())
+        return rng.permutation(examples) if config.shuffle else np.arange(examples)
 
     def evaluate(self, data: Dataset, batch_size: int = 8) -> EvalReport:
         """Mean loss over `data`, and accuracy for a classifier (or per-output accuracy for BCE)."""

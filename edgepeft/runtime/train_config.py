@@ -17,7 +17,8 @@ class TrainConfig:
 
     `schedule` decays the learning rate over the run after `warmup_steps` of linear warm-up.
     `grad_accumulation` batches make one optimizer step. `max_steps` caps the run's optimizer steps;
-    `max_seconds` caps one call's wall-clock time. A run stopped by a budget or a cancel request resumes
+    `max_seconds` caps one call's wall-clock time. `balanced` draws each epoch's examples with equal weight
+    per class (with replacement), for skewed labels. A run stopped by a budget or a cancel request resumes
     where it stopped.
     """
 
@@ -28,6 +29,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_accumulation: int = 1
     shuffle: bool = True
+    balanced: bool = False
     seed: int = 0
     max_steps: int | None = None
     max_seconds: float | None = None
@@ -77,6 +79,7 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "grad_accumulation": self.grad_accumulation,
             "shuffle": self.shuffle,
+            "balanced": self.balanced,
             "seed": self.seed,
             "max_steps": self.max_steps,
         }
