@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 DEVICE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.modules["torch"] = None
 import numpy as np
 from edgepeft.demo import austen_rows
 from edgepeft.runtime import TrainConfig, TrainingSession
+from edgepeft.runtime.memory import peak_rss_mb
 
 bundle, steps, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()
@@ -39,7 +40,7 @@ for _ in range(2):
 times = [session.train(data, config).step_ms[0] for _ in range(steps)]
 print(json.dumps({"median_step_ms": float(np.median(times)), "p90_step_ms": float(np.percentile(times, 90)),
                   "cold_start_to_first_step_s": first_step, "tokens": int(features["input_ids"].size),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 

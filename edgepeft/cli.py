@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,10 +42,6 @@ def _write_report(path: str | None, report: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
@@ -79,6 +74,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     help="Storage of the frozen Linear/Conv/Embedding weights.",
 )
 @click.option("--max-length", default=128, show_default=True, help="Longest token sequence for text models.")
+@click.option("--profile-memory", is_flag=True, help="Measure peak memory at a few sizes, for --memory-budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 def export(
     model: str,
@@ -95,6 +91,7 @@ def export(
     optimizer: str,
     quantize: str,
     max_length: int,
+    profile_memory: bool,
     overwrite: bool,
 ) -> None:
     """Compile MODEL into a training bundle.
@@ -108,8 +105,9 @@ def export(
     targets: tuple[str, ...] | str = target_modules if regex else _csv(target_modules)
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=targets, bias=bias, modules_to_save=train_modules)
     options = ExportOptions(
-        loss=loss, optimizer=optimizer, quantization=quantize, max_length=max_length, labels=_csv(labels)
-    )
+        loss=loss, optimizer=optimizer, quantization=quantize, max_length=max_length, labels=_csv(labels),
+        profile_memory=profile_memory,
+    )  # fmt: skip
     example_inputs = None
     if not Path(model).is_dir():
         model, example_inputs = load_factory(model)
@@ -176,6 +174,13 @@ def _progress_bar(label: str) -> tuple[Callable[[int, int, float], None], Callab
     type=click.Path(file_okay=False),
     help="Save crash-safe state here and resume from it: rerun the same command after a kill.",
 )
+@click.option(
+    "--memory-budget",
+    "memory_budget_mb",
+    type=float,
+    help="MB: refuse to start when the bundle's memory profile estimates more.",
+)
+@click.option("--lower-batch", is_flag=True, help="With --memory-budget: lower the batch size until it fits.")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between saves to --checkpoint-dir.")
 @click.option(
     "--store",
@@ -206,6 +211,8 @@ def train(
     max_seconds: float | None,
     checkpoint_dir: str | None,
     checkpoint_every: int,
+    memory_budget_mb: float | None,
+    lower_batch: bool,
     store: str | None,
     name: str,
     validation_fraction: float,
@@ -219,11 +226,13 @@ def train(
 ) -> None:
     """Train BUNDLE on a local data file, on this device."""
     from edgepeft.runtime import TrainConfig
+    from edgepeft.runtime.memory import peak_rss_mb
 
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, schedule=schedule,
         warmup_steps=warmup_steps, grad_accumulation=grad_accumulation, seed=seed,
-        max_steps=max_steps, max_seconds=max_seconds,
+        max_steps=max_steps, max_seconds=max_seconds, memory_budget_mb=memory_budget_mb,
+        lower_batch_to_fit=lower_batch,
     )  # fmt: skip
     session = _session(bundle, adapter, state)
     train_set = session.load_data(data)
@@ -272,7 +281,7 @@ def train(
         figures["adapter_bytes"] = sum(f.stat().st_size for f in Path(adapter_out).iterdir())
     if state_out:
         session.save_state(state_out)
-    figures["peak_rss_mb"] = _peak_rss_mb()
+    figures["peak_rss_mb"] = peak_rss_mb()
     figures["torch_loaded"] = sys.modules.get("torch") is not None
     _write_report(report, figures)
     click.echo(_summary(figures))

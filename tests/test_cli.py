@@ -122,6 +122,14 @@ def test_runtime_errors_are_one_line(runner, minilm_int8, tmp_path):
     assert result.exit_code == 2 and "give --text or --data" in result.output
 
 
+def test_memory_budget_from_the_command_line(runner, tmp_path):
+    out = tmp_path / "bundle"
+    result = runner.invoke(main, ["export", "tiny_models:mlp", "--out", str(out), "--target-modules", "fc1",
+                                  "--profile-memory"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "memory_profile" in (out / "manifest.json").read_text()
+
+
 def test_store_train_list_activate_export(runner, minilm_int8, austen_split, tmp_path):
     rows = austen_split[0].read_text().splitlines(keepends=True)
     small = tmp_path / "train.csv"

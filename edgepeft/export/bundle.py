@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.fileio import atomic_directory, sha256_file
+from edgepeft.runtime.memory import PROFILE_KEY, fit_profile
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,9 @@ def export(
             },
         )
         manifest.save(out)
+        if options.profile_memory:
+            manifest.stats[PROFILE_KEY] = _profile_memory(out)
+            manifest.save(out)
     logger.info("bundle written to %s", output_dir)
     return manifest
 
@@ -179,6 +184,18 @@ def _load_transformers(
     adapted.peft_config["base_model_name_or_path"] = str(source)
     example = tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt")
     return adapted, labels, dict(example)
+
+
+def _profile_memory(bundle: Path) -> dict[str, float]:
+    """Train the new bundle a step at a few sizes in a fresh torch-free process; fit its peak memory."""
+    run = subprocess.run(
+        [sys.executable, "-m", "edgepeft.runtime.memory", str(bundle)], capture_output=True, text=True, check=False
+    )
+    if run.returncode != 0:
+        raise ExportError(f"memory profiling failed: {run.stderr.strip().splitlines()[-1:]}")
+    points = json.loads(run.stdout.strip().splitlines()[-1])
+    logger.info("memory profile (batch, length, peak MB): %s", points)
+    return {**fit_profile([tuple(p) for p in points]), "points": points}
 
 
 def _default_labels(loss: str, output: torch.Tensor) -> torch.Tensor:

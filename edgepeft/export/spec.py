@@ -54,6 +54,7 @@ class ExportOptions:
     opset: int = 17
     labels: tuple[str, ...] = ()
     seed: int = 0  # initialises the new head and lora_A: the same inputs give the same bundle
+    profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

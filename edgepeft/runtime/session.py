@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from edgepeft.runtime.data import (
     read_text_file,
     trim_padding,
 )
+from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
 from edgepeft.runtime.ort import training_api
 from edgepeft.runtime.train_config import TrainConfig
 
@@ -176,6 +177,8 @@ class TrainingSession:
             raise InputError("training data is empty or has no labels")
         if checkpoint_every < 0:
             raise InputError(f"`checkpoint_every` must be >= 0, got {checkpoint_every}")
+        if config.memory_budget_mb is not None:
+            config = self._fit_memory_budget(data, config)
         run = config.run_identity(len(data))
         if checkpoint_dir is not None and (Path(checkpoint_dir) / PROGRESS_FILE).is_file():
             self._restore(checkpoint_dir)
@@ -238,6 +241,24 @@ class TrainingSession:
         if checkpoint_dir is not None:
             self.save_state(checkpoint_dir)
         return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - started, stopped)
+
+    def _fit_memory_budget(self, data: Dataset, config: TrainConfig) -> TrainConfig:
+        """Refuse, or lower the batch size, when the estimated peak memory exceeds the budget."""
+        length = 1
+        if sequence_axis(self.manifest) is not None:
+            length = max(a.shape[1] for a in data.features.values() if a.ndim >= 2)
+        budget = config.memory_budget_mb
+        estimate = estimate_peak_mb(self.manifest, config.batch_size, length)
+        if estimate <= budget:
+            return config
+        fits = largest_batch_within(self.manifest, budget, config.batch_size, length)
+        if config.lower_batch_to_fit and fits:
+            logger.warning("batch %d needs ~%.0f MB, over the %.0f MB budget: training with batch %d",
+                           config.batch_size, estimate, budget, fits)  # fmt: skip
+            return replace(config, batch_size=fits)
+        hint = f"batch {fits} fits" if fits else "no batch size fits"
+        raise InputError(f"estimated peak memory {estimate:.0f} MB for batch {config.batch_size} x {length} tokens "
+                         f"exceeds the {budget:.0f} MB budget ({hint})")  # fmt: skip
 
     def _epoch_order(self, labels: np.ndarray, config: TrainConfig, progress: Progress) -> np.ndarray:
         """The example order of one epoch: a function of seed, run and epoch only, so a resumed run repeats it."""

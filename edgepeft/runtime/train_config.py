@@ -18,7 +18,9 @@ class TrainConfig:
     `schedule` decays the learning rate over the run after `warmup_steps` of linear warm-up.
     `grad_accumulation` batches make one optimizer step. `max_steps` caps the run's optimizer steps;
     `max_seconds` caps one call's wall-clock time. `balanced` draws each epoch's examples with equal weight
-    per class (with replacement), for skewed labels. A run stopped by a budget or a cancel request resumes
+    per class (with replacement), for skewed labels. With `memory_budget_mb`, training refuses to start
+    when the bundle's memory profile estimates a higher peak, or lowers the batch size to fit if
+    `lower_batch_to_fit`. A run stopped by a budget or a cancel request resumes
     where it stopped.
     """
 
@@ -33,6 +35,8 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     max_seconds: float | None = None
+    memory_budget_mb: float | None = None
+    lower_batch_to_fit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accumulation"):
@@ -49,6 +53,8 @@ class TrainConfig:
             raise InputError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise InputError(f"`max_steps` must be positive, got {self.max_steps}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise InputError(f"`memory_budget_mb` must be positive, got {self.memory_budget_mb}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise InputError(f"`max_seconds` must be positive, got {self.max_seconds}")
 
