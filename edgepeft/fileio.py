@@ -31,15 +31,30 @@ def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
         raise error(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise error(f"{what} {path} does not hold a JSON object")
+    if CHECKSUM_FIELD in data:
+        claimed = data.pop(CHECKSUM_FIELD)
+        if claimed != json_checksum(data):
+            raise error(f"{what} {path} is corrupted (checksum differs)")
     return data
 
 
+CHECKSUM_FIELD = "_sha256"
+
+
+def json_checksum(data: dict) -> str:
+    """sha256 of an object's canonical JSON (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, and rename it over `path`."""
+    """Write JSON with its own checksum to a temporary file beside `path`, fsync it, rename it over `path`.
+
+    `read_json_object` verifies the checksum.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump({**data, CHECKSUM_FIELD: json_checksum(data)}, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

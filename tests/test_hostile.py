@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from edgepeft import manifest as mf
 from edgepeft.errors import AdapterError, BundleError, DataError
+from edgepeft.fileio import read_json_object, write_json_atomic
 from edgepeft.runtime import TrainingSession, open_bundle
 from edgepeft.runtime.adapter import WEIGHTS, load_adapter
 from edgepeft.runtime.checkpoint import PROGRESS, read_state
@@ -135,9 +136,9 @@ def test_adapter_with_nan_values_is_refused(bundle, tmp_path):
 def test_training_state_pointing_outside_is_refused(bundle, tmp_path):
     session = TrainingSession(bundle)
     session.save_state(tmp_path / "state")
-    record = json.loads((tmp_path / "state" / PROGRESS).read_text())
+    record = read_json_object(tmp_path / "state" / PROGRESS, BundleError, "state")
     record["checkpoint"] = "../../bundle/checkpoint"
-    (tmp_path / "state" / PROGRESS).write_text(json.dumps(record))
+    write_json_atomic(tmp_path / "state" / PROGRESS, record)  # a planted file with a valid checksum
     with pytest.raises(BundleError, match="is missing"):
         read_state(tmp_path / "state", session.manifest.base_fingerprint)
 
@@ -215,3 +216,20 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def test_edited_json_files_fail_their_checksums(bundle, adapter, tmp_path):
+    session = TrainingSession(bundle)
+    session.save_state(tmp_path / "state")
+    record = json.loads((tmp_path / "state" / PROGRESS).read_text())
+    record["step"] += 1
+    (tmp_path / "state" / PROGRESS).write_text(json.dumps(record))
+    with pytest.raises(BundleError, match="corrupted \\(checksum differs\\)"):
+        read_state(tmp_path / "state", session.manifest.base_fingerprint)
+
+    copy = shutil.copytree(adapter, tmp_path / "a")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["lora_alpha"] = 1.0
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="adapter config .* is corrupted"):
+        session.load_adapter(copy)

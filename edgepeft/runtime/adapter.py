@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 import edgepeft
 from edgepeft.errors import AdapterError
-from edgepeft.fileio import atomic_directory, read_json_object
+from edgepeft.fileio import atomic_directory, json_checksum, read_json_object, write_json_atomic
 from edgepeft.manifest import ADAPTER_CONFIG, Manifest
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "adapter_model.safetensors"
 FINGERPRINT_KEY = "edgepeft.base_fingerprint"
 CHECKSUM_KEY = "edgepeft.sha256"  # of the tensors' names, shapes and bytes: catches flipped bits
+CONFIG_CHECKSUM_KEY = "edgepeft.config_sha256"  # of adapter_config.json's content (PEFT's file has no room)
 
 
 def save_adapter(
@@ -47,13 +48,14 @@ def save_adapter(
         "format": "pt",
         FINGERPRINT_KEY: manifest.base_fingerprint,
         CHECKSUM_KEY: _checksum(tensors),
+        CONFIG_CHECKSUM_KEY: json_checksum(manifest.peft_config),
         "edgepeft.version": edgepeft.__version__,
     }
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            write_json_atomic(tmp / name, data)
     logger.info("adapter saved to %s (%d tensors)", directory, len(tensors))
     return Path(directory)
 
@@ -89,6 +91,9 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
     checksum = metadata.get(CHECKSUM_KEY)
     if checksum is not None and checksum != _checksum(tensors):
         raise AdapterError(f"adapter weights {path} are corrupted (checksum differs)")
+    config_checksum = metadata.get(CONFIG_CHECKSUM_KEY)
+    if config_checksum is not None and config_checksum != json_checksum(config):
+        raise AdapterError(f"adapter config {directory / ADAPTER_CONFIG} is corrupted (checksum differs)")
     expected = {spec.adapter_key: spec for spec in manifest.trainable}
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
