@@ -26,6 +26,14 @@ def export_tiny(name: str, out: Path, quantization: str = "int8", **spec):
 
 
 @pytest.fixture(scope="session")
+def mlp_bundle(tmp_path_factory) -> Path:
+    """The tiny MLP with LoRA on fc1/fc2, a trained head and an int8 backbone. Tests copy it to change it."""
+    out = tmp_path_factory.mktemp("mlp") / "bundle"
+    export_tiny("mlp", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from edgepeft.demo import minilm_path
 

@@ -8,7 +8,6 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import export_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +23,8 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlp") / "bundle"
-    export_tiny("mlp", out)
-    return out
+def bundle(mlp_bundle):
+    return mlp_bundle
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,6 @@ from edgepeft.runtime.data import read_text_file
 
 
 @pytest.fixture(scope="module")
-def mlp_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlp") / "bundle"
-    export_tiny("mlp", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def text_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("text") / "bundle"
     export_tiny("textnet", out)

@@ -9,19 +9,11 @@ import textwrap
 import numpy as np
 import onnxruntime
 import pytest
-from conftest import export_tiny
 
 from edgepeft.errors import AdapterError, InputError
 from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.fit import fit, split_validation
 from edgepeft.runtime.store import AdapterStore
-
-
-@pytest.fixture(scope="module")
-def mlp_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlp") / "bundle"
-    export_tiny("mlp", out)
-    return out
 
 
 def _task(session, rows=256, seed=1, shuffled=False):

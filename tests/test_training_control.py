@@ -12,18 +12,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import export_tiny
 
 from edgepeft.errors import BundleError, InputError
 from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.checkpoint import PROGRESS, Progress, read_state
-
-
-@pytest.fixture(scope="module")
-def mlp_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlp") / "bundle"
-    export_tiny("mlp", out)
-    return out
 
 
 def _data(session: TrainingSession, rows: int = 64):
