@@ -154,11 +154,10 @@ def encode_labels(manifest: Manifest, labels: list[str]) -> np.ndarray:
     return out
 
 
-def batches(dataset: Dataset, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Dataset]:
-    """Yield batches in order, or shuffled with `rng`. Padded text columns are trimmed per batch."""
-    order = rng.permutation(len(dataset)) if rng is not None else np.arange(len(dataset))
-    for start in range(0, len(order), batch_size):
-        yield trim_padding(dataset.take(order[start : start + batch_size]))
+def batches(dataset: Dataset, batch_size: int) -> Iterator[Dataset]:
+    """Yield batches in order, for evaluation and prediction. Padded text columns are trimmed per batch."""
+    for start in range(0, len(dataset), batch_size):
+        yield trim_padding(dataset.take(np.arange(start, min(start + batch_size, len(dataset)))))
 
 
 def trim_padding(batch: Dataset) -> Dataset:
