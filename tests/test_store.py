@@ -131,6 +131,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_parameters(mlp_bundle):
     data = _task(session)
     report = session.train(data, TrainConfig(epochs=50, learning_rate=1e30))
     assert report.stopped == "non_finite"
+    report = TrainingSession(mlp_bundle).train(data, TrainConfig(epochs=50, learning_rate=1e30, grad_accumulation=3))
+    assert report.stopped == "non_finite"
     assert all(np.isfinite(v).all() for v in session.trainable_values().values())
     assert np.isfinite(session.evaluate(data).loss)
 

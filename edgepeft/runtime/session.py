@@ -211,11 +211,13 @@ class TrainingSession:
                 t0 = time.perf_counter()
                 self._optimizer.set_learning_rate(config.learning_rate_at(done, total))
                 end = min(p.batch + config.grad_accumulation, batches_per_epoch)
+                finite = True
                 for index in range(p.batch, end):  # gradients add up until the optimizer step
                     batch = trim_padding(data.take(order[index * config.batch_size : (index + 1) * config.batch_size]))
                     loss = float(self._module(*self._feeds(batch))[0])
                     loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
-                if not np.isfinite(loss):
+                    finite = finite and bool(np.isfinite(loss))
+                if not finite:
                     self._module.lazy_reset_grad()
                     if last_good is not None:
                         self.set_trainable(last_good)
