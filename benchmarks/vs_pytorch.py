@@ -16,6 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Both scripts define `start`, `steps` and `step()`; this tail times them the same way.
+TIMED_STEPS = r"""
+step(); first = time.perf_counter() - start
+times = []
+for _ in range(2 + steps):
+    t = time.perf_counter(); step(); times.append((time.perf_counter() - t) * 1000)
+print(json.dumps({"median_step_ms": float(np.median(times[2:])), "cold_start_to_first_step_s": first,
+                  "peak_rss_mb": peak_rss_mb()}))
+"""
+
 TORCH = r"""
 import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,12 +46,6 @@ labels = torch.arange(batch) % 6
 def step():
     loss = model(**inputs, labels=labels).loss
     loss.backward(); optimizer.step(); optimizer.zero_grad()
-step(); first = time.perf_counter() - start
-times = []
-for _ in range(2 + steps):
-    t = time.perf_counter(); step(); times.append((time.perf_counter() - t) * 1000)
-print(json.dumps({"median_step_ms": float(np.median(times[2:])), "cold_start_to_first_step_s": first,
-                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 ORT = r"""
@@ -61,17 +65,13 @@ module, optimizer = session._module, session._optimizer
 optimizer.set_learning_rate(2e-3)
 def step():
     module(*feeds); optimizer.step(); module.lazy_reset_grad()
-step(); first = time.perf_counter() - start
-times = []
-for _ in range(2 + steps):
-    t = time.perf_counter(); step(); times.append((time.perf_counter() - t) * 1000)
-print(json.dumps({"median_step_ms": float(np.median(times[2:])), "cold_start_to_first_step_s": first,
-                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 def _run(script: str, *args: object) -> dict:
-    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script + TIMED_STEPS, *map(str, args)], capture_output=True, text=True, check=True
+    )
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

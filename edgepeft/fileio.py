@@ -21,6 +21,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename inside it) to the disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_json_object(path: Path, error: type[Exception], what: str) -> dict:
     """Parse a JSON file that must hold an object; any problem raises `error` naming `what` and the path."""
     if not path.is_file():
@@ -79,8 +94,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+                fsync_file(path)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepeft.errors import BundleError
-from edgepeft.fileio import read_json_object, sha256_file, write_json_atomic
+from edgepeft.fileio import fsync_directory, fsync_file, read_json_object, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ def write_state(directory: str | os.PathLike, save_checkpoint, progress: Progres
     name = f"{PREFIX}{progress.step}"
     partial = directory / f".{name}.partial"
     save_checkpoint(partial)
-    _fsync(partial)
+    fsync_file(partial)
     os.replace(partial, directory / name)
     record = {**asdict(progress), "checkpoint": name, "sha256": sha256_file(directory / name),
               "base_fingerprint": base_fingerprint}  # fmt: skip
     write_json_atomic(directory / PROGRESS, record)
-    _fsync_dir(directory)
+    fsync_directory(directory)
     for old in directory.glob(f"{PREFIX}*"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -78,16 +78,3 @@ def read_state(directory: str | os.PathLike, base_fingerprint: str) -> tuple[Pat
     if sha256_file(checkpoint) != digest:
         raise BundleError(f"training state {directory}: checkpoint {name} is corrupted (sha256 differs)")
     return checkpoint, progress
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
