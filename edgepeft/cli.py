@@ -1,10 +1,11 @@
-"""The `edgepeft` command line: export, train, eval, predict, inspect, demo."""
+"""The `edgepeft` command line: export, train, eval, predict, inspect, demo, bench."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from edgepeft.errors import EdgePeftError
+from edgepeft.errors import EdgePeftError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +466,60 @@ def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | N
     figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
     _write_report(report, figures)
     click.echo(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def _ints(option: str, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated integers, got {value!r}") from None
+
+
+def _command_line() -> str:
+    program = sys.argv[0]
+    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+@main.command(cls=_Command)
+@click.option("--out", default="edgepeft-bench", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for results.json, results.md and chart.png.")  # fmt: skip
+@click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
+@click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
+@click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
+@click.option("--steps", type=int, help="Timed training steps per grid point [default: 20].")
+@click.option("--seeds", help="Seeds of the accuracy runs, comma-separated [default: 0,1,2].")
+@click.option("--epochs", type=int, help="Epochs of each accuracy run [default: 2, as the demo].")
+@click.option("--threads", type=int, help="Threads for ONNX Runtime and torch [default: all cores].")
+@click.option("--smoke", is_flag=True, help="A tiny run for CI (batch 2 x 16, 3 steps, 1 seed, a small subset).")
+def bench(
+    out: str,
+    systems: str | None,
+    batches: str | None,
+    seqs: str | None,
+    steps: int | None,
+    seeds: str | None,
+    epochs: int | None,
+    threads: int | None,
+    smoke: bool,
+) -> None:
+    """Benchmark edgepeft against ORT with an fp32 backbone and PyTorch + PEFT, each measurement in its own process.
+
+    Measures ms per training step over a grid of batch sizes and sequence lengths, peak RSS, cold starts,
+    one-sample latency, bundle and adapter sizes, accuracy on the Austen task over seeds, and each step's
+    share of this machine's matmul FLOP/s. Ratios are taken within the run.
+    """
+    from edgepeft.bench.config import BenchConfig
+    from edgepeft.bench.run import run_bench
+
+    config = (BenchConfig.smoke() if smoke else BenchConfig()).with_overrides(
+        systems=_csv(systems) or None, batches=_ints("--batches", batches), seqs=_ints("--seqs", seqs),
+        steps=steps, seeds=_ints("--seeds", seeds), epochs=epochs, threads=threads,
+    )  # fmt: skip
+    results = run_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
+    click.echo((Path(out) / "results.md").read_text(encoding="utf-8") if results else "")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""`run_bench`: export the bundles, run every measurement in its own fresh process, and write the report.
+
+Measurements of different systems are interleaved (each grid point, then each seed, runs every system in
+turn), so slow drifts in the load of a shared machine spread over all systems instead of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgepeft.bench.config import DESCRIPTIONS, EDGEPEFT, PYTORCH, QUANTIZATION, BenchConfig
+from edgepeft.errors import EdgePeftError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _disk_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a directory."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def spawn(job: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 7200) -> dict[str, Any]:
+    """Run one measurement in a fresh `python -m edgepeft.bench.worker` process; return its JSON figures."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    job = {**job, "spawned": time.time()}
+    run = subprocess.run([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
+                         capture_output=True, text=True, env=env, timeout=timeout, check=False)  # fmt: skip
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise EdgePeftError(f"benchmark worker {job.get('system', '')} {job['task']} failed: {last}")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    if QUANTIZATION.get(job.get("system")) is not None and result["torch_loaded"]:
+        raise EdgePeftError(f"the {job['system']} worker loaded torch: its figures would not be a device's")
+    return result
+
+
+def _export_bundles(config: BenchConfig, labels: tuple[str, ...], work: Path, progress: Progress) -> dict[str, Path]:
+    """The default (int8) bundle always, to read the optimizer PyTorch must match; fp32 when measured."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # not the expected "classifier newly initialized" warning
+    try:
+        return _export_each(config, labels, work, progress)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _export_each(config: BenchConfig, labels: tuple[str, ...], work: Path, progress: Progress) -> dict[str, Path]:
+    from edgepeft.demo import minilm_path
+    from edgepeft.export import ExportOptions, LoraSpec, export
+
+    bundles = {}
+    for system, quantization in QUANTIZATION.items():
+        if quantization is None or (system not in config.systems and system != EDGEPEFT):
+            continue
+        progress(f"exporting the {quantization} bundle for {system} ...")
+        options = ExportOptions(labels=labels, quantization=quantization, max_length=config.max_length)
+        export(minilm_path(), work / system, lora=LoraSpec(), options=options)
+        bundles[system] = work / system
+    return bundles
+
+
+def _jobs_base(config: BenchConfig, bundles: dict[str, Path], labels: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The per-system part of every job: which model to open, and PyTorch's matching settings."""
+    from edgepeft.bench.optimizer import bundle_adamw
+    from edgepeft.demo import minilm_path
+    from edgepeft.export import ExportOptions, LoraSpec
+
+    common = {"threads": config.threads, "classes": len(labels), "input_seed": config.input_seed,
+              "learning_rate": config.learning_rate}  # fmt: skip
+    base = {}
+    for system in config.systems:
+        if system == PYTORCH:
+            lora = dataclasses.asdict(LoraSpec())
+            lora["target_modules"] = list(lora["target_modules"])
+            torch_args = {"labels": list(labels), "lora": lora, "adamw": bundle_adamw(bundles[EDGEPEFT]),
+                          "init_seed": ExportOptions().seed, "max_length": config.max_length}  # fmt: skip
+            base[system] = {**common, "system": system, "model": str(minilm_path()), "torch": torch_args}
+        else:
+            base[system] = {**common, "system": system, "model": str(bundles[system])}
+    return base
+
+
+def _model_description() -> tuple[dict[str, int], dict[str, Any]]:
+    """The base model's dimensions (for FLOP counts) and the LoRA spec every system trains with."""
+    from edgepeft.bench.flops import BertDims
+    from edgepeft.demo import minilm_path
+    from edgepeft.export import LoraSpec
+
+    spec = LoraSpec()
+    targets = list(spec.target_modules) if not isinstance(spec.target_modules, str) else [spec.target_modules]
+    lora = {"r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout, "target_modules": targets,
+            "per_layer": len(targets)}  # fmt: skip
+    return dataclasses.asdict(BertDims.from_config(minilm_path())), lora
+
+
+def measure(config: BenchConfig, work: Path, progress: Progress) -> dict[str, Any]:
+    """Every measurement of the run, raw: {system: {task: figures}} plus the machine's matmul FLOP/s."""
+    from edgepeft.bench.workload import austen_split
+
+    train_csv, test_csv, labels = austen_split(work / "data", config.data_seed, config.train_rows, config.test_rows)
+    bundles = _export_bundles(config, labels, work / "bundles", progress)
+    base = _jobs_base(config, bundles, labels)
+    raw: dict[str, Any] = {"systems": {s: {"speed": [], "accuracy": {}} for s in config.systems}}
+
+    def run(label: str, job: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = spawn(job, config.torch_env if job.get("system") == PYTORCH else None)
+        progress(f"{label}: {time.perf_counter() - started:.1f} s")
+        return result
+
+    raw["matmul_flops_per_s"] = run("matmul FLOP/s", {"task": "matmul", "seconds": config.matmul_seconds})[
+        "flops_per_s"
+    ]
+    for batch, seq in config.grid:
+        for system in config.systems:
+            job = {**base[system], "task": "speed", "batch": batch, "seq": seq, "steps": config.steps,
+                   "warmup": config.warmup}  # fmt: skip
+            figures = run(f"speed {system} {batch} x {seq}", job)
+            raw["systems"][system]["speed"].append({"batch": batch, "seq": seq, **figures})
+    batch, seq = config.headline
+    for task in ("cold_train", "cold_predict", "latency"):
+        for system in config.systems:
+            job = {**base[system], "task": task, "batch": batch, "seq": seq, "warmup": config.warmup,
+                   "predictions": config.predictions}  # fmt: skip
+            raw["systems"][system][task] = run(f"{task} {system}", job)
+    for seed in config.seeds:
+        for system in config.systems:
+            job = {**base[system], "task": "accuracy", "seed": seed, "train_csv": str(train_csv),
+                   "test_csv": str(test_csv), "epochs": config.epochs, "batch_size": config.batch_size,
+                   "max_steps": config.max_steps}  # fmt: skip
+            raw["systems"][system]["accuracy"][seed] = run(f"accuracy {system} seed {seed}", job)
+    raw["test_examples"] = sum(1 for _ in test_csv.open(encoding="utf-8")) - 1
+    raw["train_examples"] = sum(1 for _ in train_csv.open(encoding="utf-8")) - 1
+    raw["labels"] = list(labels)
+    raw["model_dims"], raw["lora"] = _model_description()
+    raw["adamw"] = base[PYTORCH]["torch"]["adamw"] if PYTORCH in base else None
+    raw["bundle_bytes"] = {s: _disk_bytes(bundles[s]) for s in config.systems if s in bundles}
+    if PYTORCH in config.systems:
+        from edgepeft.demo import minilm_path
+
+        raw["bundle_bytes"][PYTORCH] = _disk_bytes(minilm_path() / "model.safetensors")
+    return raw
+
+
+def run_bench(config: BenchConfig, out: str | os.PathLike, command: str = "", progress: Progress | None = None) -> dict:
+    """Measure every system of `config`, write results.json, results.md and chart.png into `out`; return the results.
+
+    Raises:
+        EdgePeftError: a worker failed (its last error line is in the message).
+    """
+    from edgepeft.bench.chart import write_chart
+    from edgepeft.bench.machine import describe_machine
+    from edgepeft.bench.report import summarize, write_json, write_markdown
+
+    say = progress or logger.info
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:
+        raw = measure(config, Path(tmp), say)
+    results = summarize(config, raw, describe_machine(), command, time.time() - started, DESCRIPTIONS)
+    write_json(results, out / "results.json")
+    write_markdown(results, out / "results.md", chart="chart.png")
+    write_chart(results, out / "chart.png")
+    say(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'chart.png'}")
+    return results
