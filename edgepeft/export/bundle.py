@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers
+from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
@@ -80,10 +82,13 @@ def export(
         quantized = [n for n in frozen_weight_names(module) if n in held] if options.quantization == "int8" else []
         if quantized:
             frozen = [n for n in frozen if n not in set(quantized)] + quantize_initializers_(forward, quantized)
-        onnx.save(forward, str(out / mf.INFERENCE_MODEL))
+        int8_compute = bool(quantized) and options.int8_compute
+        _save(forward, out / mf.INFERENCE_MODEL, int8_compute)
 
         full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
+        for graph in (mf.TRAINING_MODEL, mf.EVAL_MODEL):
+            _save(onnx.load(str(out / graph)), out / graph, int8_compute)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
         manifest = mf.Manifest(
@@ -106,6 +111,7 @@ def export(
             stats={
                 "trainable_parameters": int(sum(module.get_parameter(n).numel() for n in trainable)),
                 "quantized_weights": len(quantized),
+                "int8_compute": int8_compute,
             },
         )
         manifest.save(out)
@@ -232,6 +238,14 @@ def _generate_artifacts(
             )
     except Exception as e:
         raise ExportError(f"ONNX Runtime could not build the training graph: {str(e).splitlines()[0][:500]}") from None
+
+
+def _save(model: onnx.ModelProto, path: Path, int8_compute: bool) -> None:
+    """Write one of the bundle's graphs, its frozen-weight products rewritten to int8 arithmetic if asked."""
+    if int8_compute:
+        model = copy.deepcopy(model)
+        use_int8_compute_(model)
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager

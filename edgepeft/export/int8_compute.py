@@ -1,0 +1,188 @@
+"""Compute with the int8 weights themselves, and keep no fp32 copy of a frozen weight alive across a step.
+
+`quantize.py` stores each frozen weight as int8 + per-output-channel scale behind a `DequantizeLinear`,
+and ORT's gradient builder then holds every dequantized fp32 weight from the forward pass until the
+backward pass needs it. This pass rewrites the graphs `generate_artifacts` wrote:
+
+- Linear, forward: `MatMul(x, Transpose(DQ(Wq)))` becomes `DynamicQuantizeMatMul(x, Transpose(Wq), s)`
+  (x is quantized to uint8 per tensor on the fly; MLAS multiplies u8 x s8, ~1.8x an fp32 MatMul here),
+  with a following bias `Add` folded into it.
+- Linear, input gradient: `FusedMatMul(dy, Transpose(DQ(Wq)), transB=1)` becomes `MatMul(dy, DQ(Wq))`
+  with its own `DequantizeLinear` right before it, so each fp32 weight lives for one backward matmul.
+  The gradient stays fp32 on purpose: gradients are concentrated on a few tokens (at MiniLM's top
+  layers max/mean is ~500), so a per-tensor int8 `dy` loses most of it (17% error per matmul measured,
+  and training no longer learned).
+- Embedding: `Gather(DQ(Wq), ids)` becomes `Gather(Wq, ids) * Gather(s, ids)`: the fp32 table (47 MB for
+  MiniLM) is never built for the few rows a batch reads.
+
+Weights are symmetric (zero point 0), as `quantize.py` writes them. Any other use of a dequantized weight
+(e.g. a `Gemm` on a tiny pooler) keeps its `DequantizeLinear`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+
+def use_int8_compute_(model: onnx.ModelProto) -> int:
+    """Rewrite `model` in place to multiply and gather int8 weights directly; return the rewritten uses."""
+    graph = model.graph
+    original = list(graph.node)  # one list of node objects: the id()s below refer to these
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in original:
+        for name in node.input:
+            consumers[name].append(node)
+
+    vectors = _vectors(graph)
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> nodes in its place
+    removed: set[int] = set()
+    for dq in original:
+        if dq.op_type != "DequantizeLinear" or _attr(dq, "axis", 1) != 0 or len(dq.input) < 2:
+            continue
+        weight, (quantized, scale) = dq.output[0], dq.input[:2]
+        users = consumers[weight]
+        done = 0
+        for user in users:
+            if user.op_type == "Gather" and user.input[0] == weight and _attr(user, "axis", 0) == 0:
+                replaced[id(user)] = _gather(user, quantized, scale)
+                done += 1
+            elif user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors)):
+                replaced[id(user)] = nodes
+                done += 1
+            elif user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
+                uses = consumers[user.output[0]]
+                swaps = {id(use): _matmul(use, user.output[0], dq) for use in uses}
+                replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
+                if all(swaps.values()):
+                    removed.add(id(user))
+                    done += 1
+        if users and done == len(users):
+            removed.add(id(dq))
+
+    if not replaced:
+        return 0
+    nodes = []
+    for node in original:
+        if id(node) in removed:
+            continue
+        nodes.extend(replaced.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(_fuse_bias(nodes, vectors))
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    logger.info("%d uses of frozen int8 weights rewritten", len(replaced))
+    return len(replaced)
+
+
+def _matmul(node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """The replacement of a forward MatMul or an input-gradient FusedMatMul on `Transpose(DQ(W))`, or None."""
+    name = node.name or node.output[0]
+    quantized, scale = dequantize.input[:2]
+    if node.op_type == "MatMul" and list(node.input[1:]) == [transposed]:
+        weight_t = f"{name}/weight_t"
+        return [
+            helper.make_node("Transpose", [quantized], [weight_t], name=f"{name}/transpose_int8", perm=[1, 0]),
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], weight_t, scale],
+                list(node.output),
+                name=name,
+                domain=MS_DOMAIN,
+            ),
+        ]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    plain = {"transA": 0, "transB": 1, "alpha": 1.0, "transBatchA": 0, "transBatchB": 0}
+    if node.op_type == "FusedMatMul" and list(node.input[1:]) == [transposed] and attrs == {**plain, **attrs} == plain:
+        weight = f"{name}/weight"
+        return [
+            helper.make_node("DequantizeLinear", dequantize.input, [weight], name=f"{name}/dequantize", axis=0),
+            helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=name),
+        ]
+    return None
+
+
+def _gemm(node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str]) -> list[onnx.NodeProto] | None:
+    """The replacement of a 2-D Linear's `Gemm(x, DQ(W), b, transB=1)` or its input gradient
+    `Gemm(dy, DQ(W))`, or None."""
+    name, weight = node.name or node.output[0], dequantize.output[0]
+    attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
+    attrs.update((a.name, helper.get_attribute_value(a)) for a in node.attribute)
+    if list(node.input[1:2]) != [weight] or attrs["alpha"] != 1.0 or attrs["transA"] != 0:
+        return None
+    bias = list(node.input[2:3]) if len(node.input) > 2 and node.input[2] and attrs["beta"] == 1.0 else []
+    if bias and bias[0] not in vectors:
+        return None
+    if attrs["transB"] == 1 and (len(node.input) < 3 or not node.input[2] or bias):
+        weight_t = f"{name}/weight_t"
+        quantized, scale = dequantize.input[:2]
+        return [
+            helper.make_node("Transpose", [quantized], [weight_t], name=f"{name}/transpose_int8", perm=[1, 0]),
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], weight_t, scale] + (["", *bias] if bias else []),
+                list(node.output),
+                name=name,
+                domain=MS_DOMAIN,
+            ),
+        ]
+    if attrs["transB"] == 0 and (len(node.input) < 3 or not node.input[2] or attrs["beta"] == 0.0):
+        fp32 = f"{name}/weight"
+        return [
+            helper.make_node("DequantizeLinear", dequantize.input, [fp32], name=f"{name}/dequantize", axis=0),
+            helper.make_node("MatMul", [node.input[0], fp32], list(node.output), name=name),
+        ]
+    return None
+
+
+def _fuse_bias(nodes: list[onnx.NodeProto], vectors: set[str]) -> list[onnx.NodeProto]:
+    """Fold `Add(DynamicQuantizeMatMul(x, W), bias)` into the matmul's own bias input."""
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            consumers[name].append(node)
+    fused: set[int] = set()
+    for node in nodes:
+        users = consumers[node.output[0]] if node.op_type == "DynamicQuantizeMatMul" else []
+        if len(node.input) != 3 or len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = next((name for name in add.input if name != node.output[0]), None)
+        if bias in vectors and list(add.input).count(node.output[0]) == 1:
+            node.input.extend(["", bias])
+            node.output[0] = add.output[0]
+            fused.add(id(add))
+    return [node for node in nodes if id(node) not in fused]
+
+
+def _vectors(graph: onnx.GraphProto) -> set[str]:
+    """Names of the graph's 1-D inputs and initializers: the biases a matmul can add itself."""
+    names = {init.name for init in graph.initializer if len(init.dims) == 1}
+    names |= {value.name for value in graph.input if len(value.type.tensor_type.shape.dim) == 1}
+    return names
+
+
+def _gather(node: onnx.NodeProto, quantized: str, scale: str) -> list[onnx.NodeProto]:
+    """`Gather(DQ(Wq), ids)` as `Cast(Gather(Wq, ids)) * Unsqueeze(Gather(s, ids), -1)`."""
+    name, ids = node.name or node.output[0], node.input[1]
+    rows, row_scales, axes = f"{name}/rows_int8", f"{name}/row_scales", f"{name}/axes"
+    return [
+        helper.make_node("Gather", [quantized, ids], [rows], name=f"{name}/int8", axis=0),
+        helper.make_node("Cast", [rows], [f"{rows}_f"], name=f"{name}/cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Gather", [scale, ids], [row_scales], name=f"{name}/scales", axis=0),
+        helper.make_node("Constant", [], [axes], name=f"{name}/axes", value=numpy_helper.from_array(np.array([-1]))),
+        helper.make_node("Unsqueeze", [row_scales, axes], [f"{row_scales}_u"], name=f"{name}/unsqueeze"),
+        helper.make_node("Mul", [f"{rows}_f", f"{row_scales}_u"], list(node.output), name=name),
+    ]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
