@@ -104,6 +104,9 @@ class TrainingSession:
         options = SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
         options.intra_op_num_threads = self._threads
+        # ORT's memory pattern keeps a second planned block next to the first step's allocations:
+        # off, the peak of a MiniLM step at 8 x 128 drops from ~500 MB to ~410 MB at the same speed.
+        options.enable_mem_pattern = False
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
             self._module = api.Module(
