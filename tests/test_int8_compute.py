@@ -13,9 +13,9 @@ from edgepeft.export import ExportOptions, LoraSpec, export
 from edgepeft.runtime import TrainingSession
 from edgepeft.runtime.ort import training_api
 
-# Dynamic per-tensor uint8 activations on top of int8 weights: outputs move by at most 15% of the largest
-# logit on these tiny random models (measured 8% on both), and gradients keep their direction (measured
-# cosine 0.94-0.99 here, 0.93-0.99 on MiniLM's LoRA matrices).
+# The training step's dynamic per-tensor uint8 activations on top of int8 weights: its logits move by at
+# most 15% of the largest on these tiny random models (measured 8% on both), and gradients keep their
+# direction (measured cosine 0.94-0.99 here, 0.93-0.99 on MiniLM's LoRA matrices).
 OUTPUT_RTOL_OF_MAX = 0.15
 GRADIENT_COSINE = 0.9
 
@@ -60,18 +60,20 @@ def test_embedding_rows_are_gathered_as_int8(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mlp", "textnet"])
-def test_int8_compute_stays_close_to_dequantized_weights_in_outputs_and_gradients(tmp_path, name):
+def test_training_forward_is_close_to_dequantized_weights_and_evaluation_is_exact(tmp_path, name):
     example = _export(name, tmp_path / "int8", int8_compute=True)
     _export(name, tmp_path / "dq", int8_compute=False)
     labels = np.array([0, 1, 2, 3])
-    outputs, grads = {}, {}
+    predictions, logits, grads = {}, {}, {}
     for kind in ("int8", "dq"):
         session = TrainingSession(tmp_path / kind)
-        outputs[kind] = session.predict(example).outputs
-        grads[kind] = _gradients(tmp_path / kind, session, example, labels)
-    largest = np.abs(outputs["dq"]).max()
-    assert np.abs(outputs["int8"] - outputs["dq"]).max() <= OUTPUT_RTOL_OF_MAX * largest
-    assert not np.array_equal(outputs["int8"], outputs["dq"]), "int8 activations should change the output a little"
+        predictions[kind] = session.predict(example).outputs
+        logits[kind], grads[kind] = _training_pass(tmp_path / kind, session, example, labels)
+    # evaluation and prediction multiply the dequantized weights: the same numbers as without int8 compute
+    np.testing.assert_allclose(predictions["int8"], predictions["dq"], rtol=0, atol=1e-6)
+    largest = np.abs(logits["dq"]).max()
+    assert np.abs(logits["int8"] - logits["dq"]).max() <= OUTPUT_RTOL_OF_MAX * largest
+    assert not np.array_equal(logits["int8"], logits["dq"]), "int8 activations should change the step a little"
     for key, expected in grads["dq"].items():
         got = grads["int8"][key]
         if np.linalg.norm(expected) == 0:
@@ -80,11 +82,11 @@ def test_int8_compute_stays_close_to_dequantized_weights_in_outputs_and_gradient
         assert cosine >= GRADIENT_COSINE, (key, cosine)
 
 
-def _gradients(bundle, session: TrainingSession, example: dict, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """One backward pass through the bundle's training graph with ORT's API; the trainable gradients."""
+def _training_pass(bundle, session: TrainingSession, example: dict, labels: np.ndarray):
+    """One forward and backward pass of the bundle's training graph with ORT's API: logits and gradients."""
     api = training_api()
     state = api.CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     module = api.Module(str(bundle / mf.TRAINING_MODEL), state)
     module.train()
-    module(*[example[spec.name] for spec in session.manifest.inputs], labels)
-    return {spec.name: np.array(state.parameters[spec.name].grad) for spec in session.manifest.trainable}
+    _, logits = module(*[example[spec.name] for spec in session.manifest.inputs], labels)[:2]
+    return logits, {spec.name: np.array(state.parameters[spec.name].grad) for spec in session.manifest.trainable}

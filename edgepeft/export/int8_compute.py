@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 
 
-def use_int8_compute_(model: onnx.ModelProto) -> int:
-    """Rewrite `model` in place to multiply and gather int8 weights directly; return the rewritten uses."""
+def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
+    """Rewrite `model` in place to gather (and, if `matmuls`, multiply) int8 weights directly.
+
+    Returns the number of rewritten uses. Gathering int8 rows is exact; int8 matmuls quantize activations.
+    """
     graph = model.graph
     original = list(graph.node)  # one list of node objects: the id()s below refer to these
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -55,6 +58,8 @@ def use_int8_compute_(model: onnx.ModelProto) -> int:
             if user.op_type == "Gather" and user.input[0] == weight and _attr(user, "axis", 0) == 0:
                 replaced[id(user)] = _gather(user, quantized, scale)
                 done += 1
+            elif not matmuls:
+                continue
             elif user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors)):
                 replaced[id(user)] = nodes
                 done += 1
