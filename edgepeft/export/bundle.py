@@ -24,6 +24,7 @@ from torch import nn
 import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
+from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers
 from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
@@ -153,9 +154,10 @@ def _trace(
         labels = options.labels
     else:
         adapted, labels, example_inputs = _load_transformers(Path(model), lora, options, out)
-        graph = export_transformers(
-            adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset
-        )
+        with first_token_last_layer(adapted.module):  # exact: the classifier reads the first token only
+            graph = export_transformers(
+                adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset
+            )
         with torch.no_grad():
             output = adapted.module(**example_inputs).logits
     if not isinstance(output, torch.Tensor):
