@@ -90,3 +90,13 @@ def _training_pass(bundle, session: TrainingSession, example: dict, labels: np.n
     module.train()
     _, logits = module(*[example[spec.name] for spec in session.manifest.inputs], labels)[:2]
     return logits, {spec.name: np.array(state.parameters[spec.name].grad) for spec in session.manifest.trainable}
+
+
+def test_evaluation_graphs_multiply_dequantized_weights_without_a_transpose(tmp_path):
+    """A Transpose after a DequantizeLinear makes ORT requantize the weight on every run (700 ms a prediction)."""
+    _export("textnet", tmp_path / "b", int8_compute=True)  # its Linear reads 3-D input: MatMul, not Gemm
+    for graph in (mf.EVAL_MODEL, mf.INFERENCE_MODEL):
+        nodes = _ops(tmp_path / "b", graph)
+        dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+        assert dequantized, graph
+        assert not [n.name for n in nodes if n.op_type == "Transpose" and n.input[0] in dequantized], graph
