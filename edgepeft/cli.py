@@ -518,8 +518,8 @@ def bench(
         systems=_csv(systems) or None, batches=_ints("--batches", batches), seqs=_ints("--seqs", seqs),
         steps=steps, seeds=_ints("--seeds", seeds), epochs=epochs, threads=threads,
     )  # fmt: skip
-    results = run_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
-    click.echo((Path(out) / "results.md").read_text(encoding="utf-8") if results else "")
+    run_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
+    click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,13 @@ def spawn(job: dict[str, Any], env: dict[str, str] | None = None, timeout: float
     """Run one measurement in a fresh `python -m edgepeft.bench.worker` process; return its JSON figures."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     job = {**job, "spawned": time.time()}
-    run = subprocess.run([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
-                         capture_output=True, text=True, env=env, timeout=timeout, check=False)  # fmt: skip
+    try:
+        run = subprocess.run([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
+                             capture_output=True, text=True, env=env, timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise EdgePeftError(
+            f"benchmark worker {job.get('system', '')} {job['task']} ran over {timeout:.0f} s"
+        ) from None
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no error output"])[-1]
         raise EdgePeftError(f"benchmark worker {job.get('system', '')} {job['task']} failed: {last}")
