@@ -66,9 +66,9 @@ class BenchConfig:
             raise InputError(f"`systems` holds duplicates: {', '.join(self.systems)}")
         for name in ("batches", "seqs", "seeds"):
             values = getattr(self, name)
-            if not values or any(not isinstance(v, int) or v < (0 if name == "seeds" else 1) for v in values):
-                raise InputError(f"`{name}` must be a non-empty list of {'non-negative' if name == 'seeds' else 'positive'} "
-                                 f"integers, got {values!r}")  # fmt: skip
+            least, kind = (0, "non-negative") if name == "seeds" else (1, "positive")
+            if not values or any(not isinstance(v, int) or v < least for v in values):
+                raise InputError(f"`{name}` must be a non-empty list of {kind} integers, got {values!r}")
         if max(self.seqs) > self.max_length:
             raise InputError(f"sequence length {max(self.seqs)} exceeds the bundle's max_length {self.max_length}")
         for name in ("steps", "predictions", "epochs", "batch_size", "max_length", "threads"):

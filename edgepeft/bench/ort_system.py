@@ -45,8 +45,9 @@ class OrtSystem:
                              max_steps=max_steps)  # fmt: skip
         report = self.session.train(train, config)
         result = self.session.evaluate(test, batch_size=batch_size)
+        last_loss = report.epoch_losses[-1] if report.epoch_losses else None
         return {"accuracy": result.accuracy, "test_loss": result.loss, "steps": report.steps,
-                "train_seconds": report.seconds, "last_epoch_loss": report.epoch_losses[-1] if report.epoch_losses else None}  # fmt: skip
+                "train_seconds": report.seconds, "last_epoch_loss": last_loss}  # fmt: skip
 
     def save_adapter(self, directory: Path) -> Path:
         """Write the trained adapter (PEFT format) with `TrainingSession.save_adapter`."""
