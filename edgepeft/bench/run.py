@@ -113,8 +113,11 @@ def _model_description() -> tuple[dict[str, int], dict[str, Any]]:
     return dataclasses.asdict(BertDims.from_config(minilm_path())), lora
 
 
-def measure(config: BenchConfig, work: Path, progress: Progress) -> dict[str, Any]:
-    """Every measurement of the run, raw: {system: {task: figures}} plus the machine's matmul FLOP/s."""
+def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path | None = None) -> dict[str, Any]:
+    """Every measurement of the run, raw: {system: {task: figures}} plus the machine's matmul FLOP/s.
+
+    With `partial`, the figures so far are written there after every measurement (for a run that dies).
+    """
     from edgepeft.bench.workload import austen_split
 
     train_csv, test_csv, labels = austen_split(work / "data", config.data_seed, config.train_rows, config.test_rows)
@@ -126,6 +129,8 @@ def measure(config: BenchConfig, work: Path, progress: Progress) -> dict[str, An
         started = time.perf_counter()
         result = spawn(job, config.torch_env if job.get("system") == PYTORCH else None)
         progress(f"{label}: {time.perf_counter() - started:.1f} s")
+        if partial is not None:
+            partial.write_text(json.dumps({**raw, "last": {"label": label, **result}}, indent=2) + "\n")
         return result
 
     raw["matmul_flops_per_s"] = run("matmul FLOP/s", {"task": "matmul", "seconds": config.matmul_seconds})[
@@ -177,7 +182,8 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, command: str = "", pr
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:
-        raw = measure(config, Path(tmp), say)
+        raw = measure(config, Path(tmp), say, partial=out / "raw.partial.json")
+    (out / "raw.partial.json").unlink(missing_ok=True)
     results = summarize(config, raw, describe_machine(), command, time.time() - started, DESCRIPTIONS)
     write_json(results, out / "results.json")
     write_markdown(results, out / "results.md", chart="chart.png")
