@@ -60,23 +60,20 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
             if user.op_type == "Gather" and user.input[0] == weight and _attr(user, "axis", 0) == 0:
                 replaced[id(user)] = _gather(user, quantized, scale)
                 done += 1
-            elif not matmuls:
-                if user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
-                    uses = consumers[user.output[0]]
-                    swaps = {id(use): _transposed_matmul(use, user.output[0], weight) for use in uses}
-                    replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
-                    if all(swaps.values()):
-                        removed.add(id(user))
-            elif user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors)):
-                replaced[id(user)] = nodes
-                done += 1
             elif user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
-                uses = consumers[user.output[0]]
-                swaps = {id(use): _matmul(use, user.output[0], dq) for use in uses}
+                transposed = user.output[0]
+                uses = consumers[transposed]
+                if matmuls:
+                    swaps = {id(use): _matmul(use, transposed, dq) for use in uses}
+                else:
+                    swaps = {id(use): _transposed_matmul(use, transposed, weight) for use in uses}
                 replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
                 if all(swaps.values()):
                     removed.add(id(user))
-                    done += 1
+                    done += matmuls  # exact products still read the dequantized weight
+            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors)):
+                replaced[id(user)] = nodes
+                done += 1
         if users and done == len(users):
             removed.add(id(dq))
 
