@@ -120,7 +120,7 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
             f"{m['memory_gb']} GB, {m['os']}; {m['threads']} threads for ONNX Runtime and torch"
         ),
         f"- software: Python {m['python']}, {versions}",
-        f"- date: {m['date']}; the whole run took {results['seconds'] / 60:.1f} min",
+        f"- date: {m['date']} (start); the whole run took {results['seconds'] / 60:.1f} min",
         f"- command: `{results['command']}`",
         f"- edgepeft code: commit {code['commit'] or 'unknown'}" + (" with local changes" if code["modified"] else ""),
         f"- matmul peak: {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (numpy float32 2048x2048, best round)",

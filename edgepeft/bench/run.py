@@ -126,11 +126,11 @@ def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path |
     raw: dict[str, Any] = {"systems": {s: {"speed": [], "accuracy": {}} for s in config.systems}}
 
     def run(label: str, job: dict[str, Any]) -> dict[str, Any]:
+        if partial is not None:  # everything measured so far, before the next measurement starts
+            partial.write_text(json.dumps({**raw, "next": label}, indent=2) + "\n")
         started = time.perf_counter()
         result = spawn(job, config.torch_env if job.get("system") == PYTORCH else None)
         progress(f"{label}: {time.perf_counter() - started:.1f} s")
-        if partial is not None:
-            partial.write_text(json.dumps({**raw, "last": {"label": label, **result}}, indent=2) + "\n")
         return result
 
     raw["matmul_flops_per_s"] = run("matmul FLOP/s", {"task": "matmul", "seconds": config.matmul_seconds})[
@@ -180,11 +180,12 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, command: str = "", pr
     say = progress or logger.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    machine = describe_machine()  # before measuring: the commit and date the run starts from
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:
         raw = measure(config, Path(tmp), say, partial=out / "raw.partial.json")
     (out / "raw.partial.json").unlink(missing_ok=True)
-    results = summarize(config, raw, describe_machine(), command, time.time() - started, DESCRIPTIONS)
+    results = summarize(config, raw, machine, command, time.time() - started, DESCRIPTIONS)
     write_json(results, out / "results.json")
     write_markdown(results, out / "results.md", chart="chart.png")
     write_chart(results, out / "chart.png")
