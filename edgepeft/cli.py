@@ -489,17 +489,20 @@ def _command_line() -> str:
 @click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
 @click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
 @click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
-@click.option("--steps", type=int, help="Timed training steps per grid point [default: 20].")
+@click.option("--steps", type=int, help="Timed training steps per grid point and round [default: 20].")
+@click.option("--rounds", type=int, help="Rounds of the speed grid, in a rotated system order [default: 3].")
 @click.option("--seeds", help="Seeds of the accuracy runs, comma-separated [default: 0,1,2].")
 @click.option("--epochs", type=int, help="Epochs of each accuracy run [default: 2, as the demo].")
 @click.option("--threads", type=int, help="Threads for ONNX Runtime and torch [default: all cores].")
-@click.option("--smoke", is_flag=True, help="A tiny run for CI (batch 2 x 16, 3 steps, 1 seed, a small subset).")
+@click.option("--smoke", is_flag=True,
+              help="A tiny run for CI (batch 2 x 16, 2 rounds of 3 steps, 1 seed, a small subset).")
 def bench(
     out: str,
     systems: str | None,
     batches: str | None,
     seqs: str | None,
     steps: int | None,
+    rounds: int | None,
     seeds: str | None,
     epochs: int | None,
     threads: int | None,
@@ -516,7 +519,7 @@ def bench(
 
     config = (BenchConfig.smoke() if smoke else BenchConfig()).with_overrides(
         systems=_csv(systems) or None, batches=_ints("--batches", batches), seqs=_ints("--seqs", seqs),
-        steps=steps, seeds=_ints("--seeds", seeds), epochs=epochs, threads=threads,
+        steps=steps, rounds=rounds, seeds=_ints("--seeds", seeds), epochs=epochs, threads=threads,
     )  # fmt: skip
     run_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
     click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))

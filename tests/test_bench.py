@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from edgepeft.bench.config import SYSTEMS
 from edgepeft.bench.flops import BertDims, train_step_flops
+from edgepeft.bench.run import pool_speed
 from edgepeft.cli import main
 
 POSITIVE = ("step_ms", "step_p90_ms", "samples_per_s", "tokens_per_s", "flops_fraction", "peak_rss_mb",
@@ -79,9 +80,19 @@ def test_smoke_run_measures_every_system(runner, tmp_path):
         assert figures["torch_loaded"] == (name == "pytorch-peft")
         point = figures["speed"][0]
         assert (point["batch"], point["seq"]) == (2, 16) and point["gflop_per_step"] > 0
+        assert point["steps_timed"] == 2 * 3 and len(point["round_medians_ms"]) == 2  # two rounds of 3 steps
     assert results["ratios"]["pytorch-peft"]["step_ms"] == 1.0
     assert all(math.isfinite(v) for r in results["ratios"].values() for v in r.values())
     assert results["machine"]["matmul_flops_per_s"] > 0
     markdown = (out / "results.md").read_text()
     assert all(f"| {name} |" in markdown for name in SYSTEMS) and "x PyTorch" in markdown
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_rounds_pool_their_steps():
+    rounds = [{"median_ms": 2.0, "times_ms": [1.0, 2.0, 3.0], "peak_rss_mb": 10.0, "torch_loaded": False},
+              {"median_ms": 11.0, "times_ms": [10.0, 11.0, 12.0], "peak_rss_mb": 12.0, "torch_loaded": False}]
+    pooled = pool_speed(rounds, batch=4, seq=8)
+    assert pooled["median_ms"] == 6.5 and pooled["min_ms"] == 1.0 and pooled["steps_timed"] == 6
+    assert pooled["round_medians_ms"] == [2.0, 11.0] and pooled["peak_rss_mb"] == 12.0
+    assert pooled["samples_per_s"] == pytest.approx(4 / 6.5 * 1000)

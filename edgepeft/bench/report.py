@@ -204,9 +204,11 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
 
 METHOD = """## How it is measured
 
-- Every figure comes from its own fresh process (`python -m edgepeft.bench.worker`): one per system and
-  grid point for speed, one each for cold start to the first step, cold start to the first prediction,
-  one-sample latency, and one per seed for accuracy. The ONNX Runtime processes block torch.
+- Every figure comes from its own fresh process (`python -m edgepeft.bench.worker`): one per system,
+  grid point and round for speed (the rounds rotate which system goes first; a point's median and p90
+  pool the timed steps of all its rounds, and its peak RSS is the largest of them), one each for cold
+  start to the first step, cold start to the first prediction, one-sample latency, and one per seed for
+  accuracy. The ONNX Runtime processes block torch; PyTorch runs with its own default settings.
 - Speed: one fixed batch of random token ids in [1000, 20000) with a full attention mask (seeded, the same
   for every system), so no system can trim padding; warm-up steps are discarded. edgepeft's step is one
   `TrainingSession.train` call on a one-batch dataset; PyTorch's is forward, backward, `AdamW.step`,

@@ -1,7 +1,8 @@
 """`run_bench`: export the bundles, run every measurement in its own fresh process, and write the report.
 
-Measurements of different systems are interleaved (each grid point, then each seed, runs every system in
-turn), so slow drifts in the load of a shared machine spread over all systems instead of one.
+Measurements of different systems are interleaved (each round of the speed grid, then each seed, runs every
+system in turn, and the speed rounds rotate who goes first), so slow drifts in the load of a shared machine
+spread over all systems instead of one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgepeft.bench.config import DESCRIPTIONS, EDGEPEFT, PYTORCH, QUANTIZATION, BenchConfig
 from edgepeft.errors import EdgePeftError
@@ -50,6 +53,17 @@ def spawn(job: dict[str, Any], env: dict[str, str] | None = None, timeout: float
     if QUANTIZATION.get(job.get("system")) is not None and result["torch_loaded"]:
         raise EdgePeftError(f"the {job['system']} worker loaded torch: its figures would not be a device's")
     return result
+
+
+def pool_speed(rounds: list[dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
+    """One grid point's figures from the speed processes of every round: their timed steps pooled."""
+    times = [t for figures in rounds for t in figures["times_ms"]]
+    median = float(np.median(times))
+    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "min_ms": min(times),
+            "samples_per_s": batch / median * 1000, "tokens_per_s": batch * seq / median * 1000,
+            "steps_timed": len(times), "round_medians_ms": [figures["median_ms"] for figures in rounds],
+            "peak_rss_mb": max(figures["peak_rss_mb"] for figures in rounds),
+            "torch_loaded": any(figures["torch_loaded"] for figures in rounds)}  # fmt: skip
 
 
 def _export_bundles(config: BenchConfig, labels: tuple[str, ...], work: Path, progress: Progress) -> dict[str, Path]:
@@ -136,12 +150,19 @@ def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path |
     raw["matmul_flops_per_s"] = run("matmul FLOP/s", {"task": "matmul", "seconds": config.matmul_seconds})[
         "flops_per_s"
     ]
+    rounds: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for r in range(config.rounds):
+        shift = r % len(config.systems)  # who goes first rotates: a noisy minute does not land on one system
+        for batch, seq in config.grid:
+            for system in config.systems[shift:] + config.systems[:shift]:
+                job = {**base[system], "task": "speed", "batch": batch, "seq": seq, "steps": config.steps,
+                       "warmup": config.warmup}  # fmt: skip
+                figures = run(f"speed {system} {batch} x {seq}, round {r + 1} of {config.rounds}", job)
+                rounds.setdefault((system, batch, seq), []).append(figures)
     for batch, seq in config.grid:
         for system in config.systems:
-            job = {**base[system], "task": "speed", "batch": batch, "seq": seq, "steps": config.steps,
-                   "warmup": config.warmup}  # fmt: skip
-            figures = run(f"speed {system} {batch} x {seq}", job)
-            raw["systems"][system]["speed"].append({"batch": batch, "seq": seq, **figures})
+            pooled = pool_speed(rounds[system, batch, seq], batch, seq)
+            raw["systems"][system]["speed"].append({"batch": batch, "seq": seq, **pooled})
     batch, seq = config.headline
     for task in ("cold_train", "cold_predict", "latency"):
         for system in config.systems:

@@ -49,7 +49,7 @@ def _speed(job: dict[str, Any]) -> dict[str, Any]:
     median = float(np.median(times))
     return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "min_ms": min(times),
             "samples_per_s": batch / median * 1000, "tokens_per_s": batch * seq / median * 1000,
-            "steps_timed": len(times)}  # fmt: skip
+            "steps_timed": len(times), "times_ms": times}  # fmt: skip
 
 
 def _cold_train(job: dict[str, Any]) -> dict[str, Any]:
