@@ -25,6 +25,7 @@ import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export.first_token import first_token_last_layer
+from edgepeft.export.gelu_grad import decompose_gelu_grad_
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers
 from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
@@ -90,7 +91,9 @@ def export(
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
         # int8 arithmetic where it pays, the training step; evaluation and prediction multiply the exact
         # dequantized weights, so a device's predictions match the host's (99% against 95% of MiniLM's).
-        _save(onnx.load(str(out / mf.TRAINING_MODEL)), out / mf.TRAINING_MODEL, int8_compute, matmuls=True)
+        training = onnx.load(str(out / mf.TRAINING_MODEL))
+        decompose_gelu_grad_(training)
+        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True)
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
