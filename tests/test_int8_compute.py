@@ -9,7 +9,7 @@ import tiny_models
 
 from edgepeft import manifest as mf
 from edgepeft.export import ExportOptions, LoraSpec, export
-from edgepeft.runtime import TrainingSession
+from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.ort import training_api
 
 # The training step's dynamic per-tensor uint8 activations on top of int8 weights: its logits move by at
@@ -106,3 +106,18 @@ def test_evaluation_graphs_multiply_dequantized_weights_without_a_transpose(tmp_
         dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
         assert dequantized, graph
         assert not [n.name for n in nodes if n.op_type == "Transpose" and n.input[0] in dequantized], graph
+
+
+def test_int8_gradients_follow_the_opset(tmp_path):
+    """ReduceMax takes its axes as an input from opset 18 on: a bundle exported at 18 must still train."""
+    model, example = tiny_models.mlp()
+    lora = LoraSpec(target_modules=("fc1", "fc2"), modules_to_save=("head",))
+    export(model, tmp_path / "b", example_inputs=example, lora=lora, options=ExportOptions(opset=18))
+    reduce_max = [n for n in _ops(tmp_path / "b", mf.TRAINING_MODEL) if n.op_type == "ReduceMax"]
+    assert reduce_max and all(len(n.input) == 2 for n in reduce_max)
+    session = TrainingSession(tmp_path / "b")
+    rng = np.random.default_rng(0)
+    data = session.dataset({"x": rng.standard_normal((32, 16)).astype(np.float32)}, rng.integers(0, 4, 32))
+    before = session.evaluate(data).loss
+    session.train(data, TrainConfig(epochs=10, batch_size=8, learning_rate=1e-2))
+    assert session.evaluate(data).loss < 0.5 * before  # measured 1.40 -> 0.17

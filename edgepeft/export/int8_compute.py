@@ -49,6 +49,7 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
             consumers[name].append(node)
 
     vectors = _vectors(graph)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> nodes in its place
     removed: set[int] = set()
     for dq in original:
@@ -65,14 +66,14 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
                 transposed = user.output[0]
                 uses = consumers[transposed]
                 if matmuls:
-                    swaps = {id(use): _matmul(use, transposed, dq) for use in uses}
+                    swaps = {id(use): _matmul(use, transposed, dq, opset) for use in uses}
                 else:
                     swaps = {id(use): _transposed_matmul(use, transposed, weight) for use in uses}
                 replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
                 if all(swaps.values()):
                     removed.add(id(user))
                     done += matmuls  # exact products still read the dequantized weight
-            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors)):
+            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors, opset)):
                 replaced[id(user)] = nodes
                 done += 1
         if users and done == len(users):
@@ -88,14 +89,16 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
     del graph.node[:]
     graph.node.extend(_fuse_bias(nodes, vectors))
     if any(_ONE in node.input for node in graph.node):
-        graph.initializer.extend(_constants())
+        graph.initializer.extend(_constants(opset))
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     logger.info("%d uses of frozen int8 weights rewritten", len(replaced))
     return len(replaced)
 
 
-def _matmul(node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+def _matmul(
+    node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto, opset: int
+) -> list[onnx.NodeProto] | None:
     """The replacement of a forward MatMul or an input-gradient FusedMatMul on `Transpose(DQ(W))`, or None."""
     name = node.name or node.output[0]
     quantized, scale = dequantize.input[:2]
@@ -114,11 +117,13 @@ def _matmul(node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto) -
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     plain = {"transA": 0, "transB": 1, "alpha": 1.0, "transBatchA": 0, "transBatchB": 0}
     if node.op_type == "FusedMatMul" and list(node.input[1:]) == [transposed] and attrs == {**plain, **attrs} == plain:
-        return row_int8_matmul(name, node.input[0], quantized, scale, node.output[0])
+        return row_int8_matmul(name, node.input[0], quantized, scale, node.output[0], opset)
     return None
 
 
-def row_int8_matmul(name: str, gradient: str, quantized: str, scale: str, output: str) -> list[onnx.NodeProto]:
+def row_int8_matmul(
+    name: str, gradient: str, quantized: str, scale: str, output: str, opset: int
+) -> list[onnx.NodeProto]:
     """`gradient @ DQ(quantized, scale)` in int8, each row of `gradient` quantized with its own scale.
 
     The weight's per-output-channel scale lies on the contracted axis, so it is folded into the gradient
@@ -126,11 +131,15 @@ def row_int8_matmul(name: str, gradient: str, quantized: str, scale: str, output
     quantization inside `DynamicQuantizeMatMul` a per-row one, and the product is scaled back per row.
     """
     p = f"{name}/row_int8"
+    if opset >= 18:  # the reduced axes became an input in opset 18
+        row_max = helper.make_node("ReduceMax", [f"{p}/abs", _LAST_AXIS], [f"{p}/max"], name=f"{p}/max", keepdims=1)
+    else:
+        row_max = helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], name=f"{p}/max", axes=[-1], keepdims=1)
     return [
         helper.make_node("Mul", [gradient, scale], [f"{p}/scaled"], name=f"{p}/scale"),
         helper.make_node("Abs", [f"{p}/scaled"], [f"{p}/abs"], name=f"{p}/abs"),
-        helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], name=f"{p}/max", axes=[-1], keepdims=1),
-        helper.make_node("Max", [f"{p}/max", _TINY], [f"{p}/range"], name=f"{p}/range"),  # an all-zero row
+        row_max,
+        helper.make_node("Max", [f"{p}/max", _TINY], [f"{p}/range"], name=f"{p}/range"),  # no 0/0 on a zero row
         helper.make_node("Div", [f"{p}/scaled", f"{p}/range"], [f"{p}/unit"], name=f"{p}/unit"),
         helper.make_node(
             "DynamicQuantizeMatMul",
@@ -143,15 +152,16 @@ def row_int8_matmul(name: str, gradient: str, quantized: str, scale: str, output
     ]
 
 
-def _constants() -> list[onnx.TensorProto]:
-    """The scalar initializers `row_int8_matmul` reads."""
-    return [
+def _constants(opset: int) -> list[onnx.TensorProto]:
+    """The initializers `row_int8_matmul` reads."""
+    constants = [
         numpy_helper.from_array(np.array(1.0, np.float32), _ONE),
         numpy_helper.from_array(np.array(1e-30, np.float32), _TINY),
     ]
+    return constants + ([numpy_helper.from_array(np.array([-1], np.int64), _LAST_AXIS)] if opset >= 18 else [])
 
 
-_ONE, _TINY = "row_int8/one", "row_int8/tiny"
+_ONE, _TINY, _LAST_AXIS = "row_int8/one", "row_int8/tiny", "row_int8/last_axis"
 
 
 def _transposed_matmul(node: onnx.NodeProto, transposed: str, weight: str) -> list[onnx.NodeProto] | None:
@@ -168,7 +178,9 @@ def _transposed_matmul(node: onnx.NodeProto, transposed: str, weight: str) -> li
     ]
 
 
-def _gemm(node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str]) -> list[onnx.NodeProto] | None:
+def _gemm(
+    node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str], opset: int
+) -> list[onnx.NodeProto] | None:
     """The replacement of a 2-D Linear's `Gemm(x, DQ(W), b, transB=1)` or its input gradient
     `Gemm(dy, DQ(W))`, or None."""
     name, weight = node.name or node.output[0], dequantize.output[0]
@@ -193,7 +205,7 @@ def _gemm(node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str]) -
             ),
         ]
     if attrs["transB"] == 0 and (len(node.input) < 3 or not node.input[2] or attrs["beta"] == 0.0):
-        return row_int8_matmul(name, node.input[0], *dequantize.input[:2], node.output[0])
+        return row_int8_matmul(name, node.input[0], *dequantize.input[:2], node.output[0], opset)
     return None
 
 
