@@ -238,6 +238,8 @@ def test_bad_export_options(tmp_path):
         ExportOptions(loss="hinge")
     with pytest.raises(ExportError, match="quantization"):
         ExportOptions(quantization="int4")
+    with pytest.raises(ExportError, match="int8_gradients"):
+        ExportOptions(int8_gradients="yes")
     with pytest.raises(ExportError, match="custom"):
         model, example = tiny_models.mlp()
         export(model, tmp_path / "b", example_inputs=example, options=ExportOptions(loss="custom"))

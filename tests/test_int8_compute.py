@@ -53,7 +53,8 @@ def test_training_graph_multiplies_int8_weights_forward_and_backward(tmp_path, n
         assert unit.op_type == "Div" and producers[unit.input[1]].op_type == "Max", unit
         assert [c.op_type for c in consumers[node.output[0]]] == ["Mul"]
         assert consumers[node.output[0]][0].input[1] == unit.input[1]
-    assert TrainingSession(tmp_path / "b").manifest.stats["int8_compute"] is True
+    stats = TrainingSession(tmp_path / "b").manifest.stats
+    assert stats["int8_compute"] is True and stats["int8_gradients"] is True
 
 
 def test_embedding_rows_are_gathered_as_int8(tmp_path):
@@ -121,3 +122,18 @@ def test_int8_gradients_follow_the_opset(tmp_path):
     before = session.evaluate(data).loss
     session.train(data, TrainConfig(epochs=10, batch_size=8, learning_rate=1e-2))
     assert session.evaluate(data).loss < 0.5 * before  # measured 1.40 -> 0.17
+
+
+def test_fp32_gradients_dequantize_each_weight_for_its_one_backward_matmul(tmp_path):
+    model, example = tiny_models.mlp()
+    lora = LoraSpec(target_modules=("fc1", "fc2"), modules_to_save=("head",))
+    export(model, tmp_path / "b", example_inputs=example, lora=lora, options=ExportOptions(int8_gradients=False))
+    nodes = _ops(tmp_path / "b", mf.TRAINING_MODEL)
+    assert not [n.name for n in nodes if "/row_int8/" in n.name]
+    dequantized = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    assert dequantized
+    for dq in dequantized:
+        users = [n for n in nodes if dq.output[0] in n.input]
+        assert [u.op_type for u in users] == ["MatMul"] and "_Grad" in users[0].name, (dq.name, users)
+    stats = TrainingSession(tmp_path / "b").manifest.stats
+    assert stats["int8_compute"] is True and stats["int8_gradients"] is False

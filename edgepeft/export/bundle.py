@@ -93,7 +93,7 @@ def export(
         # dequantized weights, so a device's predictions match the host's (99% against 95% of MiniLM's).
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
-        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True)
+        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
@@ -118,6 +118,7 @@ def export(
                 "trainable_parameters": int(sum(module.get_parameter(n).numel() for n in trainable)),
                 "quantized_weights": len(quantized),
                 "int8_compute": int8_compute,
+                "int8_gradients": int8_compute and options.int8_gradients,
             },
         )
         manifest.save(out)
@@ -247,11 +248,14 @@ def _generate_artifacts(
         raise ExportError(f"ONNX Runtime could not build the training graph: {str(e).splitlines()[0][:500]}") from None
 
 
-def _save(model: onnx.ModelProto, path: Path, int8_compute: bool, *, matmuls: bool = False) -> None:
-    """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls) use int8."""
+def _save(
+    model: onnx.ModelProto, path: Path, int8_compute: bool, *, matmuls: bool = False, gradients: bool = False
+) -> None:
+    """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls; if
+    `gradients`, input-gradient matmuls) use int8."""
     if int8_compute:
         model = copy.deepcopy(model)
-        use_int8_compute_(model, matmuls=matmuls)
+        use_int8_compute_(model, matmuls=matmuls, gradients=gradients)
     onnx.save(model, str(path))
 
 

@@ -12,7 +12,8 @@ backward pass needs it. This pass rewrites the graphs `generate_artifacts` wrote
   (`row_int8_matmul`). Per row, not per tensor: gradients are concentrated on a few tokens (at MiniLM's
   top layers max/mean is ~500), and a per-tensor uint8 `dy` lost most of them (17% error per matmul,
   and training no longer learned); per row the error is 1-3% and LoRA gradients keep cosine 0.92-0.99
-  against an fp32 backbone.
+  against an fp32 backbone. With `gradients=False` it becomes `MatMul(dy, DQ(Wq))` instead, with its own
+  `DequantizeLinear` right before it, so each fp32 weight lives for one backward matmul.
 - Embedding: `Gather(DQ(Wq), ids)` becomes `Gather(Wq, ids) * Gather(s, ids)`: the fp32 table (47 MB for
   MiniLM) is never built for the few rows a batch reads.
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 
 
-def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
+def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True, gradients: bool = True) -> int:
     """Rewrite `model` in place to gather (and, if `matmuls`, multiply) int8 weights directly.
 
     Returns the number of rewritten uses. Gathering int8 rows is exact; int8 matmuls quantize activations.
@@ -66,14 +67,14 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
                 transposed = user.output[0]
                 uses = consumers[transposed]
                 if matmuls:
-                    swaps = {id(use): _matmul(use, transposed, dq, opset) for use in uses}
+                    swaps = {id(use): _matmul(use, transposed, dq, opset, gradients) for use in uses}
                 else:
                     swaps = {id(use): _transposed_matmul(use, transposed, weight) for use in uses}
                 replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
                 if all(swaps.values()):
                     removed.add(id(user))
                     done += matmuls  # exact products still read the dequantized weight
-            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors, opset)):
+            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors, opset, gradients)):
                 replaced[id(user)] = nodes
                 done += 1
         if users and done == len(users):
@@ -97,7 +98,7 @@ def use_int8_compute_(model: onnx.ModelProto, *, matmuls: bool = True) -> int:
 
 
 def _matmul(
-    node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto, opset: int
+    node: onnx.NodeProto, transposed: str, dequantize: onnx.NodeProto, opset: int, gradients: bool
 ) -> list[onnx.NodeProto] | None:
     """The replacement of a forward MatMul or an input-gradient FusedMatMul on `Transpose(DQ(W))`, or None."""
     name = node.name or node.output[0]
@@ -117,7 +118,9 @@ def _matmul(
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     plain = {"transA": 0, "transB": 1, "alpha": 1.0, "transBatchA": 0, "transBatchB": 0}
     if node.op_type == "FusedMatMul" and list(node.input[1:]) == [transposed] and attrs == {**plain, **attrs} == plain:
-        return row_int8_matmul(name, node.input[0], quantized, scale, node.output[0], opset)
+        if gradients:
+            return row_int8_matmul(name, node.input[0], quantized, scale, node.output[0], opset)
+        return _dequantized_matmul(name, node.input[0], dequantize, node.output[0])
     return None
 
 
@@ -152,6 +155,15 @@ def row_int8_matmul(
     ]
 
 
+def _dequantized_matmul(name: str, gradient: str, dequantize: onnx.NodeProto, output: str) -> list[onnx.NodeProto]:
+    """`gradient @ DQ(W)` in fp32, with a `DequantizeLinear` of its own, so the fp32 weight lives for one matmul."""
+    weight = f"{name}/weight"
+    return [
+        helper.make_node("DequantizeLinear", dequantize.input, [weight], name=f"{name}/dequantize", axis=0),
+        helper.make_node("MatMul", [gradient, weight], [output], name=name),
+    ]
+
+
 def _constants(opset: int) -> list[onnx.TensorProto]:
     """The initializers `row_int8_matmul` reads."""
     constants = [
@@ -179,7 +191,7 @@ def _transposed_matmul(node: onnx.NodeProto, transposed: str, weight: str) -> li
 
 
 def _gemm(
-    node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str], opset: int
+    node: onnx.NodeProto, dequantize: onnx.NodeProto, vectors: set[str], opset: int, gradients: bool
 ) -> list[onnx.NodeProto] | None:
     """The replacement of a 2-D Linear's `Gemm(x, DQ(W), b, transB=1)` or its input gradient
     `Gemm(dy, DQ(W))`, or None."""
@@ -205,7 +217,9 @@ def _gemm(
             ),
         ]
     if attrs["transB"] == 0 and (len(node.input) < 3 or not node.input[2] or attrs["beta"] == 0.0):
-        return row_int8_matmul(name, node.input[0], *dequantize.input[:2], node.output[0], opset)
+        if gradients:
+            return row_int8_matmul(name, node.input[0], *dequantize.input[:2], node.output[0], opset)
+        return _dequantized_matmul(name, node.input[0], dequantize, node.output[0])
     return None
 
 

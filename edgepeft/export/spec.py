@@ -55,6 +55,9 @@ class ExportOptions:
     labels: tuple[str, ...] = ()
     seed: int = 0  # initialises the new head and lora_A: the same inputs give the same bundle
     int8_compute: bool = True  # int8 backbone: multiply int8 weights directly (False: dequantize to fp32 first)
+    # with int8_compute: backward matmuls in int8 too, the gradient quantized per row (False: fp32 gradients,
+    # ~8% slower MiniLM steps; Austen accuracy over 3 seeds was 82.0% with them against 80.3%)
+    int8_gradients: bool = True
     profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
 
     def __post_init__(self) -> None:
@@ -64,8 +67,9 @@ class ExportOptions:
             raise ExportError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ExportError(f"`quantization` must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if not isinstance(self.int8_compute, bool):
-            raise ExportError(f"`int8_compute` must be True or False, got {self.int8_compute!r}")
+        for name in ("int8_compute", "int8_gradients"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExportError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.max_length <= 0:
             raise ExportError(f"`max_length` must be positive, got {self.max_length!r}")
         if self.opset < 14:
