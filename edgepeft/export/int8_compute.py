@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -102,26 +103,40 @@ def _matmul(
 ) -> list[onnx.NodeProto] | None:
     """The replacement of a forward MatMul or an input-gradient FusedMatMul on `Transpose(DQ(W))`, or None."""
     name = node.name or node.output[0]
-    quantized, scale = dequantize.input[:2]
     if node.op_type == "MatMul" and list(node.input[1:]) == [transposed]:
-        weight_t = f"{name}/weight_t"
-        return [
-            helper.make_node("Transpose", [quantized], [weight_t], name=f"{name}/transpose_int8", perm=[1, 0]),
-            helper.make_node(
-                "DynamicQuantizeMatMul",
-                [node.input[0], weight_t, scale],
-                list(node.output),
-                name=name,
-                domain=MS_DOMAIN,
-            ),
-        ]
+        return _int8_forward(name, node.input[0], dequantize, list(node.output))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     plain = {"transA": 0, "transB": 1, "alpha": 1.0, "transBatchA": 0, "transBatchB": 0}
     if node.op_type == "FusedMatMul" and list(node.input[1:]) == [transposed] and attrs == {**plain, **attrs} == plain:
-        if gradients:
-            return row_int8_matmul(name, node.input[0], quantized, scale, node.output[0], opset)
-        return _dequantized_matmul(name, node.input[0], dequantize, node.output[0])
+        return _input_gradient(name, node.input[0], dequantize, node.output[0], opset, gradients)
     return None
+
+
+def _int8_forward(
+    name: str, x: str, dequantize: onnx.NodeProto, outputs: list[str], bias: Sequence[str] = ()
+) -> list[onnx.NodeProto]:
+    """`x @ DQ(W)^T (+ bias)` as a `DynamicQuantizeMatMul` on the transposed int8 weight."""
+    quantized, scale = dequantize.input[:2]
+    weight_t = f"{name}/weight_t"
+    return [
+        helper.make_node("Transpose", [quantized], [weight_t], name=f"{name}/transpose_int8", perm=[1, 0]),
+        helper.make_node(
+            "DynamicQuantizeMatMul",
+            [x, weight_t, scale] + (["", *bias] if bias else []),
+            outputs,
+            name=name,
+            domain=MS_DOMAIN,
+        ),
+    ]
+
+
+def _input_gradient(
+    name: str, gradient: str, dequantize: onnx.NodeProto, output: str, opset: int, gradients: bool
+) -> list[onnx.NodeProto]:
+    """`gradient @ DQ(W)`: in int8 with per-row gradient scales if `gradients`, else in fp32."""
+    if gradients:
+        return row_int8_matmul(name, gradient, *dequantize.input[:2], output, opset)
+    return _dequantized_matmul(name, gradient, dequantize, output)
 
 
 def row_int8_matmul(
@@ -204,22 +219,9 @@ def _gemm(
     if bias and bias[0] not in vectors:
         return None
     if attrs["transB"] == 1 and (len(node.input) < 3 or not node.input[2] or bias):
-        weight_t = f"{name}/weight_t"
-        quantized, scale = dequantize.input[:2]
-        return [
-            helper.make_node("Transpose", [quantized], [weight_t], name=f"{name}/transpose_int8", perm=[1, 0]),
-            helper.make_node(
-                "DynamicQuantizeMatMul",
-                [node.input[0], weight_t, scale] + (["", *bias] if bias else []),
-                list(node.output),
-                name=name,
-                domain=MS_DOMAIN,
-            ),
-        ]
+        return _int8_forward(name, node.input[0], dequantize, list(node.output), bias)
     if attrs["transB"] == 0 and (len(node.input) < 3 or not node.input[2] or attrs["beta"] == 0.0):
-        if gradients:
-            return row_int8_matmul(name, node.input[0], *dequantize.input[:2], node.output[0], opset)
-        return _dequantized_matmul(name, node.input[0], dequantize, node.output[0])
+        return _input_gradient(name, node.input[0], dequantize, node.output[0], opset, gradients)
     return None
 
 
