@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgepeft.bench.config import DESCRIPTIONS, EDGEPEFT, PYTORCH, QUANTIZATION, BenchConfig
+from edgepeft.bench.worker import step_figures
 from edgepeft.errors import EdgePeftError
 
 logger = logging.getLogger(__name__)
@@ -58,10 +57,7 @@ def spawn(job: dict[str, Any], env: dict[str, str] | None = None, timeout: float
 def pool_speed(rounds: list[dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
     """One grid point's figures from the speed processes of every round: their timed steps pooled."""
     times = [t for figures in rounds for t in figures["times_ms"]]
-    median = float(np.median(times))
-    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "min_ms": min(times),
-            "samples_per_s": batch / median * 1000, "tokens_per_s": batch * seq / median * 1000,
-            "steps_timed": len(times), "round_medians_ms": [figures["median_ms"] for figures in rounds],
+    return {**step_figures(times, batch, seq), "round_medians_ms": [figures["median_ms"] for figures in rounds],
             "peak_rss_mb": max(figures["peak_rss_mb"] for figures in rounds),
             "torch_loaded": any(figures["torch_loaded"] for figures in rounds)}  # fmt: skip
 

@@ -34,7 +34,6 @@ def _fixed(job: dict[str, Any], batch: int, seq: int):
 
 def _speed(job: dict[str, Any]) -> dict[str, Any]:
     """Median and p90 ms per training step on one fixed batch, after warm-up steps that are discarded."""
-    import numpy as np
 
     batch, seq = job["batch"], job["seq"]
     system = _open(job)
@@ -46,10 +45,17 @@ def _speed(job: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000)
+    return {**step_figures(times, batch, seq), "times_ms": times}
+
+
+def step_figures(times: list[float], batch: int, seq: int) -> dict[str, Any]:
+    """Median, p90 and min ms, samples/s and tokens/s of timed training steps."""
+    import numpy as np
+
     median = float(np.median(times))
     return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "min_ms": min(times),
             "samples_per_s": batch / median * 1000, "tokens_per_s": batch * seq / median * 1000,
-            "steps_timed": len(times), "times_ms": times}  # fmt: skip
+            "steps_timed": len(times)}  # fmt: skip
 
 
 def _cold_train(job: dict[str, Any]) -> dict[str, Any]:
