@@ -18,6 +18,14 @@ _PACKAGE = "onnxruntime.training"
 _ORTMODULE = "onnxruntime.training.ortmodule"
 
 
+def onnxruntime_module() -> types.ModuleType:
+    """Return `onnxruntime` itself, imported without its ORTModule probe (which loads torch)."""
+    training_api()
+    import onnxruntime
+
+    return onnxruntime
+
+
 def training_api() -> types.ModuleType:
     """Return `onnxruntime.training.api` (CheckpointState, Module, Optimizer), torch-free."""
     if _PACKAGE not in sys.modules:

@@ -27,7 +27,7 @@ from edgepeft.runtime.data import (
     trim_padding,
 )
 from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
-from edgepeft.runtime.ort import training_api
+from edgepeft.runtime.ort import onnxruntime_module, training_api
 from edgepeft.runtime.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -98,10 +98,8 @@ class TrainingSession:
 
     def _open(self, checkpoint: Path) -> None:
         """Build the ORT state, training module and optimizer on a checkpoint file."""
-        from onnxruntime import SessionOptions
-
-        api = training_api()
-        options = SessionOptions()
+        api = training_api()  # first: a plain `import onnxruntime` before it would load torch
+        options = onnxruntime_module().SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
         options.intra_op_num_threads = self._threads
         # ORT's memory pattern keeps a second planned block next to the first step's allocations, and with
