@@ -113,7 +113,7 @@ def test_runtime_errors_are_one_line(runner, minilm_int8, tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     result = runner.invoke(main, ["eval", str(minilm_int8), "--data", str(empty)])
-    assert result.exit_code == 1 and result.output.strip() == f"Error: {empty} holds no examples"
+    assert result.exit_code == 1 and result.output.strip() == f"Error: --data {empty} holds no examples"
     result = runner.invoke(main, ["train", str(tmp_path), "--data", str(empty)])
     assert result.exit_code == 1 and "is not a bundle: manifest.json is missing" in result.output
     result = runner.invoke(main, ["inspect", str(tmp_path)])

@@ -1,0 +1,17 @@
+"""The `edgepeft` command line: export on the host; train, eval, predict and adapters on the device; tools.
+
+Each command lives in the module named for it; the device commands import nothing of the exporter or torch.
+"""
+
+from edgepeft.cli.adapters_cmd import adapters
+from edgepeft.cli.app import main
+from edgepeft.cli.eval_cmd import evaluate, predict
+from edgepeft.cli.export_cmd import export
+from edgepeft.cli.inspect_cmd import inspect
+from edgepeft.cli.tools_cmd import bench, demo
+from edgepeft.cli.train_cmd import train
+
+for _command in (export, train, evaluate, predict, inspect, adapters, demo, bench):
+    main.add_command(_command)
+
+__all__ = ["main"]

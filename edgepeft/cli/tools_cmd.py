@@ -1,0 +1,82 @@
+"""`edgepeft demo` and `edgepeft bench`: the embedded demo, and the benchmark against PyTorch + PEFT."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from edgepeft.cli.app import Command
+from edgepeft.cli.common import comma_ints, comma_list, write_report
+
+
+@click.command(cls=Command)
+@click.option(
+    "--out",
+    default="edgepeft-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Working directory for the bundles, data split and adapter.",
+)
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--lr", "learning_rate", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
+def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | None) -> None:
+    """Fine-tune all-MiniLM-L6-v2 on Jane Austen passages on this device, and print the figures."""
+    from edgepeft.demo import run_demo
+
+    figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
+    write_report(report, figures)
+    click.echo(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def _command_line() -> str:
+    program = sys.argv[0]
+    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+@click.command(cls=Command)
+@click.option("--out", default="edgepeft-bench", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for results.json, results.md and chart.png.")  # fmt: skip
+@click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
+@click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
+@click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
+@click.option("--steps", type=int, help="Timed training steps per grid point and round [default: 20].")
+@click.option("--rounds", type=int, help="Rounds of the speed grid, in a rotated system order [default: 3].")
+@click.option("--seeds", help="Seeds of the accuracy runs, comma-separated [default: 0,1,2].")
+@click.option("--epochs", type=int, help="Epochs of each accuracy run [default: 2, as the demo].")
+@click.option("--threads", type=int, help="Threads for ONNX Runtime and torch [default: all cores].")
+@click.option("--smoke", is_flag=True,
+              help="A tiny run for CI (batch 2 x 16, 2 rounds of 3 steps, 1 seed, a small subset).")  # fmt: skip
+def bench(
+    out: str,
+    systems: str | None,
+    batches: str | None,
+    seqs: str | None,
+    steps: int | None,
+    rounds: int | None,
+    seeds: str | None,
+    epochs: int | None,
+    threads: int | None,
+    smoke: bool,
+) -> None:
+    """Benchmark edgepeft against ORT with an fp32 backbone and PyTorch + PEFT, each measurement in its own process.
+
+    Measures ms per training step over a grid of batch sizes and sequence lengths, peak RSS, cold starts,
+    one-sample latency, bundle and adapter sizes, accuracy on the Austen task over seeds, and each step's
+    share of this machine's matmul FLOP/s. Ratios are taken within the run.
+    """
+    from edgepeft.bench.config import BenchConfig
+    from edgepeft.bench.run import run_bench
+
+    config = (BenchConfig.smoke() if smoke else BenchConfig()).with_overrides(
+        systems=comma_list(systems) or None, batches=comma_ints("--batches", batches), seqs=comma_ints("--seqs", seqs),
+        steps=steps, rounds=rounds, seeds=comma_ints("--seeds", seeds), epochs=epochs, threads=threads,
+    )  # fmt: skip
+    run_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
+    click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
