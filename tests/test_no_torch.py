@@ -56,3 +56,49 @@ def test_importing_the_runtime_loads_no_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False"
+
+
+CLI_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from edgepeft.cli import main
+
+    assert importlib.util.find_spec("torch") is not None, "this test needs torch installed"
+    try:
+        main(sys.argv[1:], prog_name="edgepeft")
+    except SystemExit as e:
+        code = e.code
+    print(json.dumps({"code": code, "torch": sys.modules.get("torch") is not None}))
+    """
+)
+
+
+def _device_command(*args: str) -> dict:
+    run = subprocess.run([sys.executable, "-c", CLI_SCRIPT, *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_device_commands_never_load_torch_where_it_is_installed(minilm_int8, austen_split, tmp_path):
+    """Each device command, run in a process where torch is importable, finishes with torch not loaded."""
+    train_csv, test_csv = austen_split
+    small = tmp_path / "small.csv"
+    small.write_text("".join(train_csv.read_text().splitlines(keepends=True)[:17]))
+    adapter, store, report = tmp_path / "adapter", tmp_path / "store", tmp_path / "train.json"
+    commands = [
+        ["train", str(minilm_int8), "--data", str(small), "--epochs", "1", "--adapter-out", str(adapter),
+         "--report", str(report)],
+        ["eval", str(minilm_int8), "--data", str(small), "--adapter", str(adapter)],
+        ["predict", str(minilm_int8), "--text", "Mr. Darcy bowed.", "--adapter", str(adapter)],
+        ["train", str(minilm_int8), "--data", str(small), "--epochs", "1", "--store", str(store), "--name", "me",
+         "--eval-every", "1"],
+        ["adapters", "list", str(store), "--bundle", str(minilm_int8)],
+        ["adapters", "activate", str(store), "me", "--bundle", str(minilm_int8)],
+        ["adapters", "export", str(store), "me", "--bundle", str(minilm_int8), "--out", str(tmp_path / "me.onnx")],
+        ["inspect", str(minilm_int8)],
+        ["inspect", str(adapter)],
+    ]  # fmt: skip
+    for command in commands:
+        result = _device_command(*command)
+        assert result == {"code": 0, "torch": False}, command
+    assert json.loads(report.read_text())["torch_loaded"] is False
