@@ -18,17 +18,27 @@ EXIT_USAGE = 2  # a flag is unknown, missing, or has a value of the wrong kind
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
-def flag_words(message: str, command: click.Command) -> str:
-    """Name a command's flags where a library message names the Python parameter behind them.
-
-    Library errors write parameters as `name` (in backticks) or as `name=True`; here each becomes the
-    flag the user typed, e.g. `learning_rate` -> --lr and `overwrite=True` -> --overwrite.
-    """
-    flags = {
-        param.name: max(param.opts, key=len)
+def _flags(command: click.Command, prefix: str = "") -> dict[str, str]:
+    return {
+        param.name: prefix + max(param.opts, key=len)
         for param in command.params
         if isinstance(param, click.Option) and param.name and param.opts
     }
+
+
+def flag_words(message: str, command: click.Command, root: click.Group | None = None) -> str:
+    """Name a command's flags where a library message names the Python parameter behind them.
+
+    Library errors write parameters as `name` (in backticks) or as `name=True`; here each becomes the
+    flag the user typed, e.g. `learning_rate` -> --lr and `overwrite=True` -> --overwrite. A parameter of
+    another command (a bundle exported without `profile_memory=True`) is named with its command:
+    `edgepeft export --profile-memory`.
+    """
+    flags: dict[str, str] = {}
+    for other in (root.commands.values() if root is not None else ()):
+        if other is not command and not isinstance(other, click.Group):
+            flags = {**_flags(other, f"edgepeft {other.name} "), **flags}
+    flags.update(_flags(command))
 
     def flag(match: re.Match) -> str:
         return flags.get(match.group(1), match.group(0))
@@ -46,7 +56,9 @@ class Command(click.Command):
             return super().invoke(ctx)
         except (EdgePeftError, OSError) as e:
             message = str(e) if not isinstance(e, OSError) or not e.filename else _os_error(e)
-            raise click.ClickException(flag_words(message, self)) from None
+            root = ctx.find_root().command
+            group = root if isinstance(root, click.Group) else None
+            raise click.ClickException(flag_words(message, self, group)) from None
 
 
 def _os_error(error: OSError) -> str:

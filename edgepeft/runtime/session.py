@@ -124,11 +124,16 @@ class TrainingSession:
         params = self._state.parameters
         for spec in self.manifest.trainable:
             if spec.name not in params or tuple(params[spec.name].data.shape) != spec.shape:
-                raise BundleError(f"bundle manifest says {spec.name} has shape {spec.shape}; the checkpoint disagrees")
+                found = tuple(params[spec.name].data.shape) if spec.name in params else "no such tensor"
+                raise BundleError(f"the bundle's {spec.name} has shape {spec.shape}, the checkpoint's {found}")
 
     def _restore(self, directory: str | os.PathLike) -> None:
         checkpoint, progress = read_state(directory, self.manifest.base_fingerprint)
-        self._open(checkpoint)
+        try:
+            self._open(checkpoint)
+        except BundleError as e:  # the same base model, but another bundle's trainable parts (rank, targets)
+            raise BundleError(f"training state {directory} was saved with another bundle than {self.bundle.path}: "
+                              f"{e}") from None  # fmt: skip
         self.progress = progress
 
     # ---- data -------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""The CLI's errors, as a user of the CLI meets them: one line, in the flags' words, the right exit status."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from edgepeft.cli import main
+from edgepeft.cli.common import Progress, human_size
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _one_error_line(result) -> str:
+    """The output ends in exactly one `Error:` line (a progress line such as `exporting to ...` may precede it)."""
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert errors == lines[-1:], result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--epochs", "0"], "--epochs"),
+        (["--warmup-steps", "-2"], "--warmup-steps"),
+        (["--max-seconds", "0"], "--max-seconds"),
+        (["--memory-budget", "-5"], "--memory-budget"),
+    ],
+)
+def test_train_config_errors_name_the_flag(runner, mlp_bundle, tmp_path, args, flag):
+    result = runner.invoke(main, ["train", str(mlp_bundle), "--data", str(tmp_path / "none.csv"), *args])
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert flag in line and "`" not in line and "learning_rate" not in line and "batch_size" not in line
+
+
+def test_export_errors_name_the_flag(runner, mlp_bundle, tmp_path):
+    result = runner.invoke(main, ["export", "tiny_models:mlp", "--out", str(mlp_bundle), "--target-modules", "fc1"])
+    assert result.exit_code == 1 and "--overwrite" in _one_error_line(result)
+    result = runner.invoke(main, ["export", "tiny_models:mlp", "--out", str(tmp_path / "b"), "--rank", "0",
+                                  "--target-modules", "fc1"])  # fmt: skip
+    assert result.exit_code == 1 and "--rank" in _one_error_line(result)
+
+
+def test_a_missing_memory_profile_names_the_export_flag(runner, minilm_int8, austen_split, tmp_path):
+    small = tmp_path / "small.csv"
+    small.write_text("".join(austen_split[0].read_text().splitlines(keepends=True)[:9]))
+    result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(small), "--memory-budget", "300"])
+    assert result.exit_code == 1 and "--profile-memory" in _one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--no-such-flag"],
+        ["train", "{bundle}", "--data", "x.csv", "--checkpoint-every", "0"],
+        ["train", "{bundle}", "--data", "x.csv", "--epochs", "two"],
+        ["train", "{bundle}"],
+        ["nosuchcommand"],
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(runner, mlp_bundle, args):
+    result = runner.invoke(main, [a.replace("{bundle}", str(mlp_bundle)) for a in args])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "--help" in line
+
+
+def test_checkpoint_dir_with_store_is_refused(runner, mlp_bundle, tmp_path):
+    result = runner.invoke(main, ["train", str(mlp_bundle), "--data", "x.csv", "--store", str(tmp_path / "s"),
+                                  "--checkpoint-dir", str(tmp_path / "ck")])  # fmt: skip
+    assert result.exit_code == 2 and "--checkpoint-dir" in _one_error_line(result)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "ck").exists()
+
+
+def test_state_of_another_bundle_blames_the_state_directory(runner, tmp_path):
+    """Same base model, another rank: the checkpoint's shapes differ, and the error names the state."""
+    import numpy as np
+    from conftest import export_tiny
+
+    from edgepeft.runtime import TrainConfig, TrainingSession
+
+    rank4, rank8 = tmp_path / "rank4", tmp_path / "rank8"
+    export_tiny("mlp", rank4, r=4)
+    export_tiny("mlp", rank8, r=8)
+    session = TrainingSession(rank8)
+    rows = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    session.train(session.dataset({"x": rows}, np.zeros(8, dtype=np.int64)), TrainConfig(batch_size=4))
+    session.save_state(tmp_path / "state")
+    result = runner.invoke(main, ["eval", str(rank4), "--data", "x.csv", "--state", str(tmp_path / "state")])
+    line = _one_error_line(result)
+    assert result.exit_code == 1 and f"training state {tmp_path / 'state'}" in line and "shape" in line
+
+
+def test_inspect_names_the_corrupted_file(runner, mlp_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle, bundle)
+    data = bytearray((bundle / "eval_model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "eval_model.onnx").write_bytes(bytes(data))
+    (bundle / "inference.onnx").unlink()
+    result = runner.invoke(main, ["inspect", str(bundle)])
+    assert result.exit_code == 1
+    assert "inputs:     x float32['batch', 16]" in result.output  # what could be read is shown
+    lines = result.output.splitlines()
+    assert any("eval_model.onnx" in line and "CORRUPTED" in line for line in lines)
+    assert any("inference.onnx" in line and "MISSING" in line for line in lines)
+    assert any("training_model.onnx" in line and "CORRUPTED" not in line for line in lines)
+    assert lines[-1].startswith("Error: ") and "eval_model.onnx, inference.onnx" in lines[-1]
+
+
+def test_small_sizes_read_in_kb():
+    assert human_size(812) == "812 bytes"
+    assert human_size(26_214) == "26.2 KB"
+    assert human_size(48_300_000) == "48.3 MB"
+
+
+def test_progress_off_a_terminal_prints_steps_with_their_loss(capsys):
+    progress = Progress("training", interactive=False)
+    for step in range(1, 21):
+        progress.update(step, 20, 1.0 / step)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "training: step 1/20, loss 1.0000"
+    assert lines[-1] == "training: step 20/20, loss 0.0500"
+    assert 5 <= len(lines) <= 12 and not any("nan" in line for line in lines)
+
+
+def test_progress_bar_never_shows_an_unknown_loss():
+    import io
+
+    stream = io.StringIO()
+    progress = Progress("training", interactive=True)
+    progress._bar = None
+    import click
+
+    original = click.progressbar
+
+    def bar(*args, **kwargs):
+        kwargs["file"] = stream
+        return original(*args, **kwargs)
+
+    click.progressbar = bar
+    try:
+        progress.update(1, 4, 0.5)
+        progress.close()
+    finally:
+        click.progressbar = original
+    assert "nan" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_ctrl_c_says_where_the_progress_is(minilm_int8, austen_split, tmp_path, with_checkpoint):
+    checkpoint = tmp_path / "ck"
+    args = [sys.executable, "-m", "edgepeft.cli", "train", str(minilm_int8), "--data", str(austen_split[0]),
+            "--epochs", "5"]  # fmt: skip
+    if with_checkpoint:
+        args += ["--checkpoint-dir", str(checkpoint), "--checkpoint-every", "1"]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        line = child.stderr.readline()
+        while "training: step" not in line:  # the first step is done
+            assert line, "the run ended before its first step"
+            line = child.stderr.readline()
+        if with_checkpoint:
+            deadline = time.monotonic() + 120
+            while not (checkpoint / "progress.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Error: interrupted")
+    if with_checkpoint:
+        assert str(checkpoint) in last and "resume" in last
+    else:
+        assert "nothing was saved" in last and "--checkpoint-dir" in last
