@@ -51,9 +51,8 @@ from edgepeft.cli.data_options import data_options, read_data
     type=float,
     help="MB: refuse to start when the bundle's memory profile estimates more.",
 )
-@click.option(
-    "--lower-batch", "lower_batch_to_fit", is_flag=True, help="With --memory-budget: lower the batch size until it fits."
-)
+@click.option("--lower-batch", "lower_batch_to_fit", is_flag=True,
+              help="With --memory-budget: lower the batch size until it fits.")  # fmt: skip
 @click.option(
     "--store",
     type=click.Path(file_okay=False),
