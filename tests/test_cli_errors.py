@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -191,3 +192,20 @@ def test_ctrl_c_says_where_the_progress_is(minilm_int8, austen_split, tmp_path, 
         assert str(checkpoint) in last and "resume" in last
     else:
         assert "nothing was saved" in last and "--checkpoint-dir" in last
+
+
+def test_export_finds_a_factory_in_the_current_directory(tmp_path):
+    (tmp_path / "my_model.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+        "    return model, {'x': torch.randn(2, 6)}\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    edgepeft = str(Path(sys.executable).with_name("edgepeft"))  # the installed command (`python -m` adds the cwd)
+    run = subprocess.run([edgepeft, "export", "my_model:build", "--out", "bundle",
+                          "--target-modules", "0", "--train-module", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "bundle" / "manifest.json").is_file() and "KB" in run.stdout
