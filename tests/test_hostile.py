@@ -29,6 +29,11 @@ def bundle(mlp_bundle):
 
 
 @pytest.fixture(scope="module")
+def mlp_session(bundle):
+    return TrainingSession(bundle)
+
+
+@pytest.fixture(scope="module")
 def adapter(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     TrainingSession(bundle).save_adapter(out)
@@ -239,6 +244,33 @@ def test_fuzz_jsonl_round_trip(tmp_path_factory, rows, ascii_only, crlf):
     lines = [json.dumps({"text": text, "label": label}, ensure_ascii=ascii_only) + end for text, label in rows]
     path.write_text("".join(lines), encoding="utf-8", newline="")
     assert read_text_file(path) == ([text for text, _ in rows], [label for _, label in rows])
+
+
+_cells = st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.none(), st.text(max_size=6),
+                   st.lists(st.floats(width=32) | st.integers(-5, 5), max_size=17))  # fmt: skip
+
+
+@FUZZ
+@given(rows=st.lists(st.dictionaries(st.sampled_from(["x", "label", "x_0", "x_1", "text"]), _cells, max_size=4),
+                     min_size=1, max_size=4),
+       suffix=st.sampled_from([".csv", ".jsonl"]), labels=st.booleans())  # fmt: skip
+def test_fuzz_array_data_files(mlp_session, tmp_path_factory, rows, suffix, labels):
+    path = tmp_path_factory.mktemp("d") / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        columns = sorted({key for row in rows for key in row})
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows([[json.dumps(row[c]) if c in row else "" for c in columns] for row in rows])
+    session = mlp_session
+    try:
+        data = session.load_data(path) if labels else session.dataset(session.load_inputs(path))
+    except (DataError, BundleError):
+        return
+    assert data.features["x"].dtype == np.float32 and data.features["x"].shape[1:] == (16,)
+    assert not labels or (data.labels.dtype == np.int64 and len(data.labels) == len(data))
 
 
 def _encodable(text: str) -> bool:

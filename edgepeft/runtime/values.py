@@ -132,6 +132,10 @@ def convert(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
     if array.dtype == target:
         return array
     if target.kind == "f" and kind in "iuf":
+        outside = np.isfinite(array) & (np.abs(array) > np.finfo(target).max)
+        if outside.any():
+            index = np.argwhere(outside)[0]
+            raise DataError(f"{where}: {array[tuple(index)]} (row {index[0] + 1}) does not fit in {target}")
         return array.astype(target)
     if target.kind in "iu" and kind in "iuf":
         if kind == "f":
