@@ -1,23 +1,25 @@
-"""Local training data: arrays checked against the bundle, text files tokenized on the device, batches."""
+"""Local training data: arrays checked against the bundle, data files read into them, batches."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgepeft.errors import DataError, InputError
-from edgepeft.manifest import Manifest, TensorSpec
+from edgepeft.errors import BundleError, DataError, InputError
+from edgepeft.manifest import TOKENIZER, Manifest, TensorSpec
+from edgepeft.runtime.bundle import Bundle
+from edgepeft.runtime.files import MAX_DATA_BYTES, Records, is_npz, read_npz, read_records
+from edgepeft.runtime.values import check_present, column_values, convert, label_values, parse_cell, takes, to_array
 
 logger = logging.getLogger(__name__)
 
-MAX_DATA_BYTES = 1 << 30  # a local text file larger than this is not personal data: refuse, don't read
+__all__ = ["MAX_DATA_BYTES", "Dataset", "batches", "check_features", "check_labels", "encode_labels",
+           "read_examples", "read_text_file", "trim_padding"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,75 +85,164 @@ def _check_array(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return array
 
 
-def read_text_file(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
-    """Read texts and (if present) labels from a CSV (columns `text`, `label`) or JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    if path.stat().st_size > MAX_DATA_BYTES:
-        raise DataError(f"data file {path} is larger than {MAX_DATA_BYTES >> 20} MiB: split it")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text: {e}") from None
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = _jsonl_rows(raw, path)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        rows = _csv_rows(raw, path, "\t" if path.suffix.lower() == ".tsv" else ",")
+def read_text_file(
+    path: str | os.PathLike, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], list[str] | None]:
+    """Read texts and (if the file has a label column) label strings from a CSV/TSV or JSONL file."""
+    records = read_records(path, expect=f"a `{text_column}` field")
+    texts = _texts(records, text_column)
+    if label_column not in records.columns:
+        return texts, None
+    values = [row.get(label_column) for row in records.rows]
+    check_present(values, records, label_column)
+    return texts, [str(v) for v in values]
+
+
+def read_examples(
+    bundle: Bundle,
+    path: str | os.PathLike,
+    encode: Callable[[list[str]], dict[str, np.ndarray]],
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    labels: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Read a data file into the bundle's checked inputs and (with `labels`) labels.
+
+    A bundle with a tokenizer reads text: a CSV/TSV column or JSONL field `text` (or `text_column`),
+    tokenized by `encode`. A bundle that takes arrays reads, for each of its inputs (say `x` float32[batch, 16]):
+      - .npz: an array named `x`, and labels in an array `labels` (or `label_column`);
+      - JSONL: a field `x` per line, a number or a (nested) list of numbers: {"x": [0.1, ...], "label": 2};
+      - CSV/TSV: a column `x` holding a number, or a JSON list "[0.1, ...]" (any shape), or for a 1-D
+        input of width N the columns `x_0` .. `x_{N-1}` (the layout of a spreadsheet or a DataFrame).
+    Labels come from the column/field `label` (or `label_column`) in the same forms. Numbers take the
+    bundle's dtype by the rule of `runtime.values` (2.0 reads as 2, 1.5 is refused). A bundle with label
+    names takes the names in a CSV/JSONL file (a bare number there is refused: with names such as "1".."5"
+    it would be ambiguous); a numeric `labels` array in a .npz holds class indices, as in `dataset`.
+    Without `labels`, a label column is not read (prediction). Other columns and fields are ignored.
+    """
+    manifest = bundle.manifest
+    if is_npz(path):
+        if text_column is not None:
+            raise DataError(f"text_column={text_column!r} names a CSV or JSONL column; {path} holds arrays")
+        features, values = _npz_examples(manifest, Path(path), label_column or "labels", labels)
+    elif bundle.has_tokenizer:
+        features, values = _text_examples(manifest, path, encode, text_column or "text", label_column, labels)
     else:
-        raise DataError(f"{path}: unknown data format {path.suffix!r} (use .csv or .jsonl)")
-    if not rows:
-        raise DataError(f"{path} holds no examples")
-    texts, labels = [], []
-    has_labels = rows[0][1] is not None
-    for line, (text, label) in enumerate(rows, start=1):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path} row {line}: `text` is missing or empty")
-        if (label is not None) != has_labels:
-            raise DataError(f"{path} row {line}: `label` is missing (other rows have one)")
-        texts.append(text)
-        labels.append(str(label) if label is not None else None)
-    return texts, (labels if has_labels else None)
+        if text_column is not None:
+            raise DataError(f"text_column={text_column!r}: {takes(manifest, None)}, not text")
+        features, values = _array_examples(bundle, path, label_column or "label", labels)
+    return _checked(manifest, Path(path), features, values, labels)
 
 
-def _jsonl_rows(raw: str, path: Path) -> list[tuple[object, object]]:
-    rows = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number} is not valid JSON: {e.msg}") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f"{path} line {number} is not an object with a `text` field")
-        rows.append((record["text"], record.get("label")))
-    return rows
+def _texts(records: Records, column: str) -> list[str]:
+    if column not in records.columns:
+        hint = "" if column != "text" else ": name the text column with text_column= (--text-column)"
+        raise DataError(f"{records.path} has no `{column}` {records.kind} (found {list(records.columns)}){hint}")
+    texts = []
+    for i, row in enumerate(records.rows):
+        text = row.get(column)
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+        elif text is None or isinstance(text, str):
+            raise DataError(f"{records.path} row {i + 1}: `{column}` is missing or empty (line {records.lines[i]})")
+        else:
+            raise DataError(f"{records.path} row {i + 1}: `{column}` must be a string, got {text!r}")
+    return texts
 
 
-def _csv_rows(raw: str, path: Path, delimiter: str) -> list[tuple[object, object]]:
-    reader = csv.DictReader(raw.splitlines(), delimiter=delimiter)
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise DataError(f"{path} has no `text` column in its header (found {reader.fieldnames})")
+def _labels(manifest: Manifest, records: Records, column: str) -> np.ndarray:
+    values = column_values(records, column, manifest.label, parse=not manifest.labels)
+    if values is None:
+        raise DataError(
+            f"{records.path} has no `{column}` {records.kind} (found {list(records.columns)}): training and "
+            f"evaluation need labels; name the label {records.kind} with label_column= (--label-column)"
+        )
+    check_present(values, records, column)
+    values = label_values(manifest, values, f"{records.path} {records.kind} `{column}`")
+    return to_array(values, manifest.label, records, column)
+
+
+def _text_examples(
+    manifest: Manifest,
+    path: str | os.PathLike,
+    encode: Callable[[list[str]], dict[str, np.ndarray]],
+    text_column: str,
+    label_column: str | None,
+    labels: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    records = read_records(path, expect=f"a `{text_column}` field")
+    texts = _texts(records, text_column)
+    values = _labels(manifest, records, label_column or "label") if labels else None
+    return encode(texts), values
+
+
+def _array_examples(
+    bundle: Bundle, path: str | os.PathLike, label_column: str, labels: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    manifest = bundle.manifest
+    records = read_records(path, expect="fields " + ", ".join(f"`{spec.name}`" for spec in manifest.inputs))
+    features = {}
+    for spec in manifest.inputs:
+        values = column_values(records, spec.name, spec)
+        if values is None:
+            found = list(records.columns)
+            if "text" in records.columns:
+                raise BundleError(f"bundle {bundle.path} has no {TOKENIZER}: it takes arrays, not text "
+                                  f"({takes(manifest, None)}); {records.path} has a `text` {records.kind}")  # fmt: skip
+            spread = f" (or columns `{spec.name}_0` ..)" if records.is_csv and len(spec.shape) == 2 else ""
+            raise DataError(f"{records.path} has no `{spec.name}` {records.kind}{spread} (found {found}): "
+                            f"{takes(manifest, 'labels' if labels else None)}")  # fmt: skip
+        features[spec.name] = to_array(values, spec, records, spec.name)
+    return features, (_labels(manifest, records, label_column) if labels else None)
+
+
+def _npz_examples(
+    manifest: Manifest, path: Path, label_key: str, labels: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    arrays = read_npz(path)
+    wanted = [spec.name for spec in manifest.inputs] + ([label_key] if labels else [])
+    missing = [name for name in wanted if name not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array {missing[0]!r} (found {sorted(arrays)}): "
+                        f"{takes(manifest, label_key if labels else None)}")  # fmt: skip
+    features = {spec.name: convert(arrays[spec.name], spec, f"{path} array {spec.name!r}") for spec in manifest.inputs}
+    if not labels:
+        return features, None
+    values = arrays[label_key]
+    where = f"{path} array {label_key!r}"
+    if values.dtype.kind in "US":  # label names
+        names = [v.decode() if isinstance(v, bytes) else v for v in values.ravel().tolist()]
+        values = np.array(label_values(manifest, names, where)).reshape(values.shape)
+    return features, convert(values, manifest.label, where)
+
+
+def _checked(
+    manifest: Manifest, path: Path, features: dict[str, np.ndarray], values: np.ndarray | None, labels: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The shape, count and class checks of in-memory data, with messages that name the file."""
     try:
-        return [(row["text"], row.get("label")) for row in reader]
-    except csv.Error as e:
-        raise DataError(f"{path} is not valid CSV: {e}") from None
+        features = check_features(manifest, features)
+        if values is not None:
+            values = check_labels(manifest, values, len(next(iter(features.values()))))
+    except InputError as e:
+        raise DataError(f"{path}: {e}: {takes(manifest, 'labels' if labels else None)}") from None
+    return features, values
 
 
 def encode_labels(manifest: Manifest, labels: list[str]) -> np.ndarray:
-    """Turn label names (or class indices written as text) into the int64 class indices of the bundle."""
-    names = {name: i for i, name in enumerate(manifest.labels)}
-    out = np.empty(len(labels), dtype=np.int64)
-    for i, label in enumerate(labels):
-        if label in names:
-            out[i] = names[label]
-        elif not manifest.labels and label.strip().lstrip("-").isdigit():
-            out[i] = int(label)
-        else:
-            known = list(manifest.labels) or "class indices"
-            raise DataError(f"label {label!r} (row {i + 1}) is not one the bundle knows: {known}")
-    return out
+    """Turn label names (or, for a bundle without names, class indices written as text) into label values."""
+    values = label_values(manifest, list(labels), "labels")
+    if not manifest.labels:
+        values = [parse_cell(v) for v in values]
+    try:
+        array = np.array(values)
+    except ValueError:
+        array = np.array(values, dtype=object)
+    if array.dtype.kind not in "biuf":
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, (int, float))), 0)
+        raise DataError(f"label {labels[bad]!r} (row {bad + 1}) is not one the bundle knows: class indices")
+    return convert(array, manifest.label, "labels")
 
 
 def batches(dataset: Dataset, batch_size: int) -> Iterator[Dataset]:

@@ -23,7 +23,7 @@ from edgepeft.runtime.data import (
     check_features,
     check_labels,
     encode_labels,
-    read_text_file,
+    read_examples,
     trim_padding,
 )
 from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
@@ -149,11 +149,26 @@ class TrainingSession:
             labels = check_labels(self.manifest, labels, rows)
         return Dataset(features, labels)
 
-    def load_data(self, path: str | os.PathLike) -> Dataset:
-        """Read a local CSV or JSONL file of `text` (and `label`) and tokenize it with the bundle's tokenizer."""
-        texts, labels = read_text_file(path)
-        encoded = self.encode(texts)
-        return self.dataset(encoded, None if labels is None else encode_labels(self.manifest, labels))
+    def load_data(
+        self, path: str | os.PathLike, *, text_column: str | None = None, label_column: str | None = None
+    ) -> Dataset:
+        """Read a labelled local data file for training or evaluation, checked against the bundle.
+
+        A bundle with a tokenizer reads a CSV/TSV or JSONL file of `text` and `label` (or the columns named
+        by `text_column` / `label_column`) and tokenizes the texts here. A bundle that takes arrays reads a
+        .npz (arrays named after its inputs, plus `labels`), or a JSONL/CSV whose fields are its input names
+        (see `runtime.data.read_examples` for the layouts). A file that does not fit raises a DataError that
+        says what the bundle takes.
+        """
+        features, labels = read_examples(
+            self.bundle, path, self.encode, text_column=text_column, label_column=label_column, labels=True
+        )
+        return Dataset(features, labels)
+
+    def load_inputs(self, path: str | os.PathLike, *, text_column: str | None = None) -> dict[str, np.ndarray]:
+        """Read a data file's model inputs for `predict` (labels are not needed, and not read if present)."""
+        features, _ = read_examples(self.bundle, path, self.encode, text_column=text_column, labels=False)
+        return features
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Tokenize texts into the bundle's inputs."""
