@@ -153,3 +153,50 @@ def test_store_train_list_activate_export(runner, minilm_int8, austen_split, tmp
     assert out.stat().st_size > 1e6
     result = runner.invoke(main, ["adapters", "delete", str(store), "nobody", "--bundle", str(minilm_int8)])
     assert result.exit_code == 1 and "no adapter named 'nobody'" in result.output
+
+
+def test_array_bundle_train_eval_predict_from_npz(runner, mlp_bundle, tmp_path):
+    """A bundle exported from an nn.Module trains, evaluates and predicts from the CLI on an .npz file."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 16)).astype(np.float32)
+    labels = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)
+    np.savez(tmp_path / "data.npz", x=x, labels=labels.astype(np.float64))  # whole floats convert to int64
+    adapter, report = tmp_path / "adapter", tmp_path / "r.json"
+    result = runner.invoke(main, ["train", str(mlp_bundle), "--data", str(tmp_path / "data.npz"), "--epochs", "4",
+                                  "--lr", "1e-2", "--adapter-out", str(adapter), "--report", str(report)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["steps"] == 24 and figures["epoch_losses"][-1] < figures["epoch_losses"][0]
+    result = runner.invoke(main, ["eval", str(mlp_bundle), "--data", str(tmp_path / "data.npz"), "--adapter",
+                                  str(adapter)])  # fmt: skip
+    assert result.exit_code == 0 and result.output.startswith("48 examples: loss "), result.output
+    result = runner.invoke(main, ["predict", str(mlp_bundle), "--data", str(tmp_path / "data.npz"), "--adapter",
+                                  str(adapter), "--json"])  # fmt: skip
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert result.exit_code == 0 and len(rows) == 48 and rows[0]["row"] == 1 and 0 <= rows[0]["label"] < 4
+    np.savez(tmp_path / "wide.npz", x=x[:, :10], labels=labels)
+    result = runner.invoke(main, ["train", str(mlp_bundle), "--data", str(tmp_path / "wide.npz")])
+    assert result.exit_code == 1 and "this bundle takes x float32[batch, 16]" in result.output
+    assert result.output.startswith("Error: --data ")
+
+
+def test_excel_csv_with_renamed_columns_trains(runner, minilm_int8, austen_split, tmp_path):
+    """Excel's "CSV UTF-8" (BOM + CRLF) with columns review,score trains with --text-column/--label-column."""
+    import csv
+
+    with austen_split[0].open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))[:16]
+    excel = tmp_path / "reviews.csv"
+    with excel.open("w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.writer(f, dialect="excel")  # CRLF line ends
+        writer.writerow(["review", "score"])
+        writer.writerows([row["text"], row["label"]] for row in rows)
+    assert excel.read_bytes().startswith(b"\xef\xbb\xbfreview,score\r\n")
+    result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(excel), "--text-column", "review",
+                                  "--label-column", "score", "--epochs", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 steps" in result.output
+    result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(excel)])
+    assert result.exit_code == 1 and "text" in result.output and "review" in result.output

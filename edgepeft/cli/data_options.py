@@ -10,20 +10,34 @@ import click
 from edgepeft.errors import DataError, InputError
 
 
+text_column_option = click.option("--text-column", help="Column (CSV) or field (JSONL) of the texts [default: text].")
+label_column_option = click.option(
+    "--label-column", help="Column (CSV), field (JSONL) or array (.npz) of the labels [default: label, labels in .npz]."
+)
+
+
 def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --text-column and --label-column (the columns or fields a data file's texts and labels are in)."""
-    command = click.option("--label-column", help="Column (CSV) or field (JSONL) of the labels [default: label].")(
-        command
-    )
-    return click.option("--text-column", help="Column (CSV) or field (JSONL) of the texts [default: text].")(command)
+    """Add --text-column and --label-column: where a data file keeps its texts and labels."""
+    return text_column_option(label_column_option(command))
 
 
-def read_data(session, path: str, flag: str, text_column: str | None, label_column: str | None, labels: bool = True):
-    """Read a data file into a Dataset for the session's bundle; an error names the flag that gave the file."""
-    columns = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
+def read_data(session, path: str, flag: str, text_column: str | None, label_column: str | None):
+    """Read a labelled data file into a Dataset for the session's bundle; an error names the flag that gave it."""
     try:
-        if labels:
-            return session.load_data(path, **columns)
-        return session.load_inputs(path, **columns)
+        return session.load_data(path, text_column=text_column, label_column=label_column)
     except (DataError, InputError) as e:
         raise type(e)(f"{flag} {e}") from None
+
+
+def read_inputs(session, path: str, flag: str, text_column: str | None) -> tuple[dict, list[tuple[str, object]]]:
+    """Read a file of inputs to predict (labels not needed): the bundle's inputs, and how to show each row."""
+    from edgepeft.runtime.data import read_text_file
+
+    try:
+        features = session.load_inputs(path, text_column=text_column)
+        if session.bundle.has_tokenizer:
+            return features, [("text", text) for text in read_text_file(path, text_column or "text")[0]]
+    except (DataError, InputError) as e:
+        raise type(e)(f"{flag} {e}") from None
+    rows = len(next(iter(features.values())))
+    return features, [("row", i + 1) for i in range(rows)]

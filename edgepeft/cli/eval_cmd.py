@@ -9,7 +9,7 @@ import click
 
 from edgepeft.cli.app import Command
 from edgepeft.cli.common import open_session, write_report
-from edgepeft.cli.data_options import data_options, read_data
+from edgepeft.cli.data_options import data_options, read_data, read_inputs, text_column_option
 
 
 @click.command(name="eval", cls=Command)
@@ -42,7 +42,7 @@ def evaluate(
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", "texts", multiple=True, help="A text to classify; repeatable.")
 @click.option("--data", type=click.Path(), help="Inputs to predict: CSV, JSONL or .npz (labels not needed).")
-@data_options
+@text_column_option
 @click.option("--adapter", type=click.Path(), help="Adapter directory to use.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input.")
 def predict(
@@ -50,7 +50,6 @@ def predict(
     texts: tuple[str, ...],
     data: str | None,
     text_column: str | None,
-    label_column: str | None,
     adapter: str | None,
     as_json: bool,
 ) -> None:
@@ -66,10 +65,9 @@ def predict(
         results.append(session.predict(list(texts)))
         shown += [("text", text) for text in texts]
     if data:
-        dataset = read_data(session, data, "--data", text_column, label_column, labels=False)
-        results.append(session.predict(dataset.features))
-        texts_read = getattr(dataset, "texts", None)
-        shown += [("text", t) for t in texts_read] if texts_read else [("row", i + 1) for i in range(len(dataset))]
+        features, rows = read_inputs(session, data, "--data", text_column)
+        results.append(session.predict(features))
+        shown += rows
     index = 0
     for result in results:
         for i in range(len(result.outputs)):

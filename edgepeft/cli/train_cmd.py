@@ -15,7 +15,8 @@ from edgepeft.cli.data_options import data_options, read_data
 
 @click.command(cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(), help="Training examples: CSV, JSONL or .npz.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Training examples: CSV or JSONL of text,label; for array bundles .npz, JSONL or CSV of the inputs.")
 @data_options
 @click.option("--eval-data", type=click.Path(), help="Held-out file: accuracy is measured before and after training.")
 @click.option("--epochs", default=2, show_default=True)
@@ -199,7 +200,8 @@ def summary(figures: dict[str, Any]) -> str:
     if "accuracy_after" in figures and figures["accuracy_after"] is not None:
         parts.append(f"accuracy {figures['accuracy_before']:.1%} -> {figures['accuracy_after']:.1%}")
     if figures["steps"]:
-        parts.append(f"{figures['steps']} steps, {figures['median_step_ms']:.0f} ms/step (median)")
+        ms = figures["median_step_ms"]
+        parts.append(f"{figures['steps']} steps, {ms:.{0 if ms >= 10 else 2}f} ms/step (median)")
     else:
         parts.append("0 steps")
     parts.append(f"stopped: {figures['stopped']}")
