@@ -22,7 +22,8 @@ def _export_fp32(out, optimizer: str):
 
     model, example = tiny_models.mlp()
     lora = LoraSpec(target_modules=("fc1", "fc2"), modules_to_save=("head",))
-    export(model, out, example_inputs=example, lora=lora, options=ExportOptions(quantization="fp32", optimizer=optimizer))
+    options = ExportOptions(quantization="fp32", optimizer=optimizer)
+    export(model, out, example_inputs=example, lora=lora, options=options)
     return out
 
 
