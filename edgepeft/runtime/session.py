@@ -320,8 +320,8 @@ class TrainingSession:
             differences.append("the trainable values the run started from (not this session's)")
         message = f"training state {directory} belongs to another run ({'; '.join(differences)})"
         if not replace_other_run:
-            raise BundleError(f"{message}: pass another checkpoint directory, or replace_other_run=True to start "
-                              "a new run there (its first save replaces that state)")  # fmt: skip
+            raise BundleError(f"{message}: pass another checkpoint directory, or start a new run there, which "
+                              "replaces that state (replace_other_run=True; CLI: --new-run)")  # fmt: skip
         logger.warning("%s: starting a new run, which replaces it", message)
         return False
 
