@@ -92,16 +92,79 @@ def test_cancel_and_time_budget_stop_cleanly_and_resume(mlp_bundle, tmp_path):
 
     report = session.train(data, config, checkpoint_dir=tmp_path / "ck", cancel=cancel_after_ten)
     assert report.stopped == "cancelled" and report.steps == 10
+    assert (report.resumed_from, report.run_steps, report.total_steps) == (None, 10, 32)
     assert read_state(tmp_path / "ck", session.manifest.base_fingerprint)[1].step == 10
 
     resumed = TrainingSession(mlp_bundle)
     report = resumed.train(data, config, checkpoint_dir=tmp_path / "ck", checkpoint_every=4)
     assert report.stopped == "complete" and report.steps == 22 and resumed.step == 32
-    assert resumed.train(data, config, checkpoint_dir=tmp_path / "ck").steps == 0  # a finished run is not repeated
+    assert (report.resumed_from, report.resumed_checkpoint, report.run_steps, report.total_steps) == (10, True, 32, 32)
+    assert not report.already_complete and report.median_step_ms > 0
+    again = TrainingSession(mlp_bundle)
+    report = again.train(data, config, checkpoint_dir=tmp_path / "ck")  # a finished run is not repeated
+    assert report.steps == 0 and report.already_complete and report.stopped == "complete"
+    assert report.median_step_ms is None and (report.run_steps, report.total_steps) == (32, 32)
+    assert _same(again.trainable_values(), resumed.trainable_values())  # the session holds the run's result
 
     slow = TrainingSession(mlp_bundle)
     report = slow.train(data, TrainConfig(epochs=4, max_seconds=0.1), lambda *_: time.sleep(0.02))
     assert report.stopped == "max_seconds" and 0 < report.steps < 32
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _cancel_after(steps: int):
+    calls = iter(range(10**6))
+    return lambda: next(calls) >= steps
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_is_restored(mlp_bundle, tmp_path):
+    config = TrainConfig(epochs=4)
+    first = TrainingSession(mlp_bundle)
+    data = _data(first)
+    first.train(data, config, checkpoint_dir=tmp_path / "ck", cancel=_cancel_after(3))  # a run from the bundle
+    on_disk = _files(tmp_path / "ck")
+
+    session = TrainingSession(mlp_bundle)
+    session.train(data, TrainConfig(epochs=1, learning_rate=1e-2))  # the caller's own adapter, 8 steps
+    session.save_adapter(tmp_path / "adapter")
+    mine = session.trainable_values()
+    for config_here in (config, TrainConfig(epochs=4, batch_size=16)):  # same settings but other start; other config
+        with pytest.raises(BundleError, match="belongs to another run") as error:
+            session.train(data, config_here, checkpoint_dir=tmp_path / "ck")
+        assert _same(session.trainable_values(), mine) and session.step == 8
+        assert _files(tmp_path / "ck") == on_disk
+    assert "batch_size 8 there, 16 here" in str(error.value) and "started from" in str(error.value)
+
+    loaded = TrainingSession(mlp_bundle)  # as the CLI's `train --adapter A --checkpoint-dir ck`
+    loaded.load_adapter(tmp_path / "adapter")
+    with pytest.raises(BundleError, match="belongs to another run"):
+        loaded.train(data, config, checkpoint_dir=tmp_path / "ck")
+
+    report = loaded.train(data, config, checkpoint_dir=tmp_path / "ck", replace_other_run=True)
+    assert report.replaced_run and report.resumed_from is None and report.steps == 32
+    assert read_state(tmp_path / "ck", loaded.manifest.base_fingerprint)[1].step == 32
+
+
+def test_the_same_size_of_other_data_starts_a_new_run(mlp_bundle, tmp_path):
+    config = TrainConfig(epochs=4)  # 32 steps
+    session = TrainingSession(mlp_bundle)
+    data = _data(session)
+    other = data.take(np.arange(64)[::-1])  # the same examples in another order: other data, same size
+    session.train(data, config, checkpoint_dir=tmp_path / "ck", cancel=_cancel_after(10))
+    with pytest.raises(BundleError, match="data_sha256"):
+        TrainingSession(mlp_bundle).train(other, config, checkpoint_dir=tmp_path / "ck")
+    report = session.train(other, config)  # in memory: the cancelled run is not continued on other data
+    assert report.steps == 32 and report.resumed_from is None
+    session.train(data, config, cancel=_cancel_after(10))
+    report = session.train(data, config)  # the same data and config continue the cancelled run
+    assert report.steps == 22 and report.resumed_from == 10
 
 
 def test_resume_refuses_a_different_run_or_a_corrupted_state(mlp_bundle, tmp_path):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,14 +19,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FitReport:
-    """Validation score per evaluation (accuracy for classifiers, else minus the loss), and what was kept."""
+    """Validation score per evaluation (accuracy for classifiers, else minus the loss), and what was kept.
+
+    `stopped`: "complete", "early_stopped" (`patience` evaluations in a row without improvement), "max_steps",
+    "max_seconds" (the budget of the whole fit), or "non_finite" (a NaN or infinite loss: a failure).
+    `best_step` is the session step of the best parameters, which the session holds after the fit.
+    """
 
     scores: list[float]
     best_score: float
     best_step: int
-    stopped: str  # "complete", "early_stop", "non_finite", or a budget reason from `train`
+    stopped: str
     stored: bool
-    training: TrainReport  # all steps taken, across the evaluation pauses
+    training: TrainReport  # all steps taken, across the evaluation pauses; its `stopped` is the fit's
 
 
 def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -49,16 +55,19 @@ def fit(
     name: str = "default",
     on_step: StepCallback | None = None,
 ) -> FitReport:
-    """Train, evaluating on `validation` every `eval_every` steps; stop after `patience` evaluations without
-    improvement; leave the best parameters in the session; and, with a `store`, replace adapter `name`
-    only if the best score beats the stored adapter's score on the same validation data."""
-    if eval_every <= 0 or patience < 0:
-        raise InputError(f"`eval_every` must be positive and `patience` >= 0, got {eval_every}, {patience}")
+    """Train, evaluating on `validation` every `eval_every` steps; stop after `patience` evaluations in a row
+    without improvement; leave the best parameters in the session; and, with a `store`, replace adapter `name`
+    only if the best score beats the stored adapter's score on the same validation data.
+    `config.max_seconds` bounds the whole fit, evaluations included."""
+    if eval_every <= 0 or patience < 1:
+        raise InputError(f"`eval_every` and `patience` must be positive, got {eval_every}, {patience}")
+    started = time.perf_counter()
     scores: list[float] = []
     best_score, best_values, best_step = _score(session, validation), session.trainable_values(), session.step
     scores.append(best_score)
     stale = 0
     training = TrainReport(0, [], [], 0.0)
+    first = True
     while True:
         taken = {"steps": 0}
 
@@ -66,12 +75,21 @@ def fit(
             taken["steps"] += 1
             return taken["steps"] > eval_every
 
-        report = session.train(train, config, on_step, cancel=pause)
+        chunk = config
+        if config.max_seconds is not None:
+            left = config.max_seconds - (time.perf_counter() - started)
+            if left <= 0:
+                stopped = "max_seconds"
+                break
+            chunk = replace(config, max_seconds=left)
+        report = session.train(train, chunk, on_step, cancel=pause)
+        if first:
+            training.resumed_from, first = report.resumed_from, False
         training.steps += report.steps
         training.epoch_losses += report.epoch_losses
         training.step_ms += report.step_ms
         training.seconds += report.seconds
-        training.stopped = report.stopped
+        training.total_steps, training.run_steps = report.total_steps, report.run_steps
         if report.stopped == "non_finite":
             stopped = "non_finite"
             break
@@ -84,9 +102,10 @@ def fit(
         if report.stopped != "cancelled":
             stopped = report.stopped
             break
-        if stale > patience:
-            stopped = "early_stop"
+        if stale >= patience:
+            stopped = "early_stopped"
             break
+    training.stopped = stopped
     session.set_trainable(best_values)
     logger.info("fit: best validation score %.4f at step %d (%s)", best_score, best_step, stopped)
     stored = False

@@ -28,7 +28,7 @@ from edgepeft.runtime.data import (
 )
 from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
 from edgepeft.runtime.ort import onnxruntime_module, training_api
-from edgepeft.runtime.train_config import TrainConfig
+from edgepeft.runtime.train_config import TrainConfig, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,12 @@ class TrainReport:
     """What a call to `train` did: optimizer steps, mean loss per epoch finished, time per step, and why it stopped.
 
     `stopped` is "complete", "max_steps", "max_seconds", "cancelled", or "non_finite" (a NaN or infinite
-    loss: training stops and the parameters are restored to the last ones that gave a finite loss).
+    loss: training stops and the parameters are restored to the last ones that gave a finite loss; a failure).
+    Where the call stands in its run: the run has `total_steps` optimizer steps, `run_steps` of them are done
+    when the call ends. `resumed_from` is the run step the call continued from (None: it started the run),
+    from the checkpoint directory's state when `resumed_checkpoint`. `already_complete`: the checkpoint
+    directory held this run finished, so nothing was trained (the session now holds its result).
+    `replaced_run`: the checkpoint directory held another run and `replace_other_run` started a new one there.
     """
 
     steps: int
@@ -46,10 +51,17 @@ class TrainReport:
     step_ms: list[float] = field(repr=False)
     seconds: float
     stopped: str = "complete"
+    total_steps: int = 0
+    run_steps: int = 0
+    resumed_from: int | None = None
+    resumed_checkpoint: bool = False
+    already_complete: bool = False
+    replaced_run: bool = False
 
     @property
-    def median_step_ms(self) -> float:
-        return float(np.median(self.step_ms)) if self.step_ms else float("nan")
+    def median_step_ms(self) -> float | None:
+        """Median time of one optimizer step in ms; None when the call took no step."""
+        return float(np.median(self.step_ms)) if self.step_ms else None
 
 
 @dataclass
@@ -86,6 +98,8 @@ class TrainingSession:
         self._threads = threads
         self._input_names = [spec.name for spec in self.manifest.inputs]
         self._encoder = None
+        self._optimizer_fresh = True  # no optimizer step taken on the current state: its moments are zero
+        self._optimizer_stale = False  # its moments belong to values swapped out: reset before training
         if state is not None:
             self._restore(state)
         else:
@@ -128,13 +142,28 @@ class TrainingSession:
                 raise BundleError(f"the bundle's {spec.name} has shape {spec.shape}, the checkpoint's {found}")
 
     def _restore(self, directory: str | os.PathLike) -> None:
-        checkpoint, progress = read_state(directory, self.manifest.base_fingerprint)
+        self._load_state(*read_state(directory, self.manifest.base_fingerprint), directory)
+
+    def _load_state(self, checkpoint: Path, progress: Progress, directory: str | os.PathLike) -> None:
+        """Replace parameters, optimizer state and progress with a verified saved state's."""
         try:
             self._open(checkpoint)
         except BundleError as e:  # the same base model, but another bundle's trainable parts (rank, targets)
             raise BundleError(f"training state {directory} was saved with another bundle than {self.bundle.path}: "
                               f"{e}") from None  # fmt: skip
         self.progress = progress
+        self._optimizer_fresh = False
+        self._optimizer_stale = not progress.run  # saved after a swap, before any training of the values
+
+    def _reset_optimizer(self, values: dict[str, np.ndarray]) -> None:
+        """Fresh optimizer state (AdamW moments and its step count) with `values` as the trainable parameters.
+
+        ORT keeps the moments in the checkpoint state and has no call to clear them, so the state, module and
+        optimizer are rebuilt from the bundle's checkpoint (about as long as opening the bundle)."""
+        self._module = self._optimizer = self._state = None  # release the old state before building the new
+        self._open(self.bundle.file(mf.CHECKPOINT))
+        self._write_trainable(values)
+        self._optimizer_fresh, self._optimizer_stale = True, False
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -189,13 +218,19 @@ class TrainingSession:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
         cancel: Callable[[], bool] | None = None,
+        replace_other_run: bool = False,
     ) -> TrainReport:
         """Train the trainable parameters on `data` (which must carry labels).
 
-        With `checkpoint_dir`, the state is saved there every `checkpoint_every` steps and when the call
-        ends, and a state already there is resumed: after a kill, calling `train` again with the same data
-        and config finishes the run with the step count it would have reached uninterrupted. A finished
-        run is not repeated. `cancel` is called between steps; returning True stops cleanly.
+        A run is defined by the data (its sha256), the config's run settings and the trainable values it
+        started from. With `checkpoint_dir`, the state is saved there every `checkpoint_every` steps and when
+        the call ends, and a state of this same run already there is resumed: after a kill, calling `train`
+        again with the same data and config finishes the run with the step count and parameters it would have
+        reached uninterrupted; a finished run is not repeated. A state of another run there is refused with a
+        `BundleError` before anything is restored, or, with `replace_other_run`, left alone while a new run
+        starts from this session's values (its first save replaces it). Without a checkpoint directory, a call
+        with the data and config of the session's unfinished run (cancelled, or stopped by a budget) continues
+        it. `cancel` is called between steps; returning True stops cleanly.
         """
         if data.labels is None or len(data) == 0:
             raise InputError("training data is empty or has no labels")
@@ -203,15 +238,25 @@ class TrainingSession:
             raise InputError(f"`checkpoint_every` must be >= 0, got {checkpoint_every}")
         if config.memory_budget_mb is not None:
             config = self._fit_memory_budget(data, config)
-        run = config.run_identity(len(data))
-        if checkpoint_dir is not None and (Path(checkpoint_dir) / PROGRESS_FILE).is_file():
-            self._restore(checkpoint_dir)
-            if self.progress.complete and self.progress.run == run:
-                return TrainReport(0, [], [], 0.0, "complete")
-        if self.progress.run != run or self.progress.complete:
-            self.progress = Progress(step=self.step, run=run, run_start=self.step)
-        p = self.progress
+        identity = config.run_identity(len(data), fingerprint(data.features, data.labels))
         total = config.total_steps(len(data))
+        from_checkpoint = replaced = False
+        if checkpoint_dir is not None and (Path(checkpoint_dir) / PROGRESS_FILE).is_file():
+            from_checkpoint = self._take_checkpoint(Path(checkpoint_dir), identity, replace_other_run)
+            replaced = not from_checkpoint
+        if self._optimizer_stale:
+            self._reset_optimizer(self.trainable_values())
+        p = self.progress
+        if from_checkpoint and p.complete:
+            logger.info("training state %s holds this run finished (%d steps): nothing to train", checkpoint_dir, total)
+            return TrainReport(0, [], [], 0.0, "complete", total, p.step - p.run_start, None, True, True)
+        if _settings(p.run) != identity or p.complete:
+            p = self.progress = Progress(step=self.step, run={**identity, "start": self._values_sha256()},
+                                         run_start=self.step)  # fmt: skip
+            resumed_from = None
+        else:
+            resumed_from = p.step - p.run_start
+            logger.info("resuming the run at step %d of %d", resumed_from, total)
         batches_per_epoch = -(-len(data) // config.batch_size)
         step_ms: list[float] = []
         epoch_losses: list[float] = []
@@ -233,26 +278,26 @@ class TrainingSession:
                 if stopped != "complete":
                     break
                 t0 = time.perf_counter()
-                self._optimizer.set_learning_rate(config.learning_rate_at(done, total))
+                self._optimizer.set_learning_rate(config.learning_rate_at(done, total))  # per optimizer step
                 end = min(p.batch + config.grad_accumulation, batches_per_epoch)
-                finite = True
-                for index in range(p.batch, end):  # gradients add up until the optimizer step
-                    batch = trim_padding(data.take(order[index * config.batch_size : (index + 1) * config.batch_size]))
-                    loss = float(self._module(*self._feeds(batch))[0])
-                    loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
-                    finite = finite and bool(np.isfinite(loss))
-                if not finite:
+                size = config.batch_size
+                micro = [trim_padding(data.take(order[i * size : (i + 1) * size])) for i in range(p.batch, end)]
+                loss = self._accumulate_gradients(micro)
+                if not np.isfinite(loss):
                     self._module.lazy_reset_grad()
                     if last_good is not None:
-                        self.set_trainable(last_good)
+                        self._write_trainable(last_good)
                     logger.warning(
                         "loss is %s at step %d: training stopped, last good parameters restored", loss, p.step
                     )
                     stopped = "non_finite"
                     break
+                rows = sum(len(batch) for batch in micro)
+                loss_sum, seen = loss_sum + loss * rows, seen + rows
                 last_good = self.trainable_values()  # these gave a finite loss: restored if a later one is not
                 self._optimizer.step()
                 self._module.lazy_reset_grad()
+                self._optimizer_fresh = False
                 p.batch, p.step = end, p.step + 1
                 step_ms.append((time.perf_counter() - t0) * 1000)
                 if on_step is not None:
@@ -266,7 +311,67 @@ class TrainingSession:
         p.complete = stopped in ("complete", "max_steps")
         if checkpoint_dir is not None:
             self.save_state(checkpoint_dir)
-        return TrainReport(len(step_ms), epoch_losses, step_ms, time.perf_counter() - started, stopped)
+        seconds = time.perf_counter() - started
+        return TrainReport(len(step_ms), epoch_losses, step_ms, seconds, stopped, total, p.step - p.run_start,
+                           resumed_from, from_checkpoint and resumed_from is not None, False, replaced)  # fmt: skip
+
+    def _take_checkpoint(self, directory: Path, identity: dict, replace_other_run: bool) -> bool:
+        """Resume the state in `directory` if it is of this call's run; True if the session now stands in it.
+
+        The progress record is read and verified first and compared with the run this call defines; only a state
+        of the same run (same data, settings and starting values, or the run this session is in) is restored.
+        """
+        checkpoint, found = read_state(directory, self.manifest.base_fingerprint)
+        same_settings = _settings(found.run) == identity
+        if same_settings and found.run == self.progress.run:  # the session is in that very run
+            if found.step > self.step:
+                self._load_state(checkpoint, found, directory)  # the directory is further along
+            return True
+        same_start = found.run.get("start") == self._values_sha256()
+        if same_settings and same_start:
+            self._load_state(checkpoint, found, directory)
+            return True
+        differences = [
+            f"`{key}` {found.run.get(key)!r} there, {identity.get(key)!r} here" if key != "data_sha256" else "other data"
+            for key in sorted(set(_settings(found.run)) | set(identity))
+            if found.run.get(key) != identity.get(key)
+        ]
+        if not same_start:
+            differences.append("the trainable values the run started from (not this session's)")
+        message = f"training state {directory} belongs to another run ({'; '.join(differences)})"
+        if not replace_other_run:
+            raise BundleError(f"{message}: pass another checkpoint directory, or start a new run there, which "
+                              "replaces that state (`replace_other_run=True`)")  # fmt: skip
+        logger.warning("%s: starting a new run, which replaces it", message)
+        return False
+
+    def _accumulate_gradients(self, micro: list[Dataset]) -> float:
+        """Run the forward and backward passes of one optimizer step; return its mean loss.
+
+        The gradient buffers are left holding the gradient of the mean loss over all the step's examples, the
+        same as one batch of all of them: ORT adds up each call's mean-loss gradient, so with several batches
+        each one's gradient is taken alone and weighted by its share of the examples.
+        """
+        if len(micro) == 1:
+            return float(self._module(*self._feeds(micro[0]))[0])
+        params = self._state.parameters
+        names = [spec.name for spec in self.manifest.trainable]
+        rows = sum(len(batch) for batch in micro)
+        summed: dict[str, np.ndarray] = {}
+        loss_sum = 0.0
+        for batch in micro:
+            self._module.lazy_reset_grad()  # the next call overwrites the gradients instead of adding to them
+            loss_sum += float(self._module(*self._feeds(batch))[0]) * len(batch)
+            weight = np.float32(len(batch) / rows)
+            for name in names:
+                weighted = params[name].grad * weight
+                summed[name] = weighted if name not in summed else summed[name] + weighted
+        for name in names:
+            params[name]._parameter.grad.update_inplace(summed[name])  # the buffer the optimizer step reads
+        return loss_sum / rows
+
+    def _values_sha256(self) -> str:
+        return fingerprint(self.trainable_values())
 
     def _fit_memory_budget(self, data: Dataset, config: TrainConfig) -> TrainConfig:
         """Refuse, or lower the batch size, when the estimated peak memory exceeds the budget."""
@@ -287,9 +392,10 @@ class TrainingSession:
                          f"exceeds the {budget:.0f} MB budget ({hint})")  # fmt: skip
 
     def _epoch_order(self, labels: np.ndarray, config: TrainConfig, progress: Progress) -> np.ndarray:
-        """The example order of one epoch: a function of seed, run and epoch only, so a resumed run repeats it."""
+        """The example order of one epoch: a function of the seed and the epoch only, so a resumed run repeats it
+        and a run does not depend on what the session trained before it."""
         examples = len(labels)
-        rng = np.random.default_rng([config.seed, progress.run_start, progress.epoch])
+        rng = np.random.default_rng([config.seed, progress.epoch])
         if config.balanced:
             if not self.manifest.is_classifier:
                 raise InputError("`balanced` sampling needs class labels (a cross_entropy bundle)")
@@ -363,15 +469,33 @@ class TrainingSession:
         self.set_trainable(load_adapter(self.manifest, directory))
 
     def set_trainable(self, values: dict[str, np.ndarray]) -> None:
-        """Replace the trainable parameters in place (an adapter swap: the base model is not reloaded)."""
+        """Replace the trainable parameters (an adapter swap: the base model is not reloaded).
+
+        The values swapped in start afresh: the next `train` starts a new run with fresh optimizer state (the
+        AdamW moments and step count of the values swapped out are dropped). The swap itself is in place;
+        when the session had taken optimizer steps, the next `train` first rebuilds the ORT state, once, about
+        as long as opening the bundle (ORT has no call to clear the moments).
+        """
+        self._write_trainable(values)
+        self.progress = Progress(step=self.step)
+        self._optimizer_stale = not self._optimizer_fresh
+
+    def _checked_trainable(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`values` as contiguous float32 arrays, checked to name and shape exactly the trainable parameters."""
         expected = {spec.name: spec.shape for spec in self.manifest.trainable}
         if set(values) != set(expected):
             raise InputError(f"trainable values must name exactly the bundle's {len(expected)} trainable parameters")
-        params = self._state.parameters
+        checked = {}
         for name, value in values.items():
-            value = np.ascontiguousarray(value, dtype=np.float32)
-            if value.shape != expected[name]:
-                raise InputError(f"{name} must have shape {expected[name]}, got {value.shape}")
+            checked[name] = np.ascontiguousarray(value, dtype=np.float32)
+            if checked[name].shape != expected[name]:
+                raise InputError(f"{name} must have shape {expected[name]}, got {checked[name].shape}")
+        return checked
+
+    def _write_trainable(self, values: dict[str, np.ndarray]) -> None:
+        """Write trainable values into the ORT state in place, optimizer state and progress untouched."""
+        params = self._state.parameters
+        for name, value in self._checked_trainable(values).items():
             params[name] = value
 
     def export_inference(self, path: str | os.PathLike) -> Path:
@@ -390,3 +514,8 @@ class TrainingSession:
             api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=True)
 
         return write_state(directory, save_checkpoint, self.progress, self.manifest.base_fingerprint)
+
+
+def _settings(run: dict) -> dict:
+    """A run record without its starting values' fingerprint: what a call's data and config determine."""
+    return {key: value for key, value in run.items() if key != "start"}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgepeft.errors import InputError
 
@@ -16,7 +20,8 @@ class TrainConfig:
     """How to train.
 
     `schedule` decays the learning rate over the run after `warmup_steps` of linear warm-up.
-    `grad_accumulation` batches make one optimizer step. `max_steps` caps the run's optimizer steps;
+    `grad_accumulation` batches make one optimizer step, with the gradient of their examples' mean loss (the
+    same step as one batch of all their examples). `max_steps` caps the run's optimizer steps;
     `max_seconds` caps one call's wall-clock time. `balanced` draws each epoch's examples with equal weight
     per class (with replacement), for skewed labels. With `memory_budget_mb`, training refuses to start
     when the bundle's memory profile estimates a higher peak, or lowers the batch size to fit if
@@ -77,15 +82,36 @@ class TrainConfig:
             return self.learning_rate * max(0.0, 1.0 - progress)
         return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def run_identity(self, examples: int) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
+    def run_identity(self, examples: int, data_sha256: str) -> dict[str, Any]:
+        """What defines a run, and so what a resumed run must share with the run it continues: the data (its
+        size and fingerprint) and every setting that shapes the steps. Budgets of one call (`max_seconds`,
+        the memory budget) are not part of it; the batch size is the one actually trained with."""
         return {
             "examples": examples,
+            "data_sha256": data_sha256,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "grad_accumulation": self.grad_accumulation,
+            "learning_rate": self.learning_rate,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
             "shuffle": self.shuffle,
             "balanced": self.balanced,
             "seed": self.seed,
             "max_steps": self.max_steps,
         }
+
+
+def fingerprint(*arrays: Mapping[str, np.ndarray] | np.ndarray | None) -> str:
+    """sha256 over arrays (or dicts of named arrays): names, dtypes, shapes and bytes. Cheap next to a step."""
+    digest = hashlib.sha256()
+    for item in arrays:
+        named = sorted(item.items()) if isinstance(item, Mapping) else [("", item)]
+        for name, array in named:
+            if array is None:
+                digest.update(b"none;")
+                continue
+            array = np.ascontiguousarray(array)
+            digest.update(f"{name};{array.dtype.str};{array.shape};".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
