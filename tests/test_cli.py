@@ -88,7 +88,7 @@ def test_text_bundle_train_eval_predict(runner, minilm_int8, austen_split, tmp_p
     result = runner.invoke(main, ["train", str(minilm_int8), "--data", str(small_train), "--epochs", "1",
                                   "--resume", str(tmp_path / "state"), "--report", str(report)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads(report.read_text())["total_steps"] == 4
+    assert json.loads(report.read_text())["session_step"] == 4
 
 
 @pytest.mark.parametrize(

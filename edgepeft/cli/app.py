@@ -44,7 +44,8 @@ def flag_words(message: str, command: click.Command, root: click.Group | None = 
         return flags.get(match.group(1), match.group(0))
 
     message = re.sub(r"`([a-z_][a-z0-9_]*)`", flag, message)
-    message = re.sub(r"\b(?:[A-Za-z]+\()?([a-z_][a-z0-9_]*)=True\)?", flag, message)
+    message = re.sub(r"\b[A-Z][A-Za-z]*\(([a-z_][a-z0-9_]*)=True\)", flag, message)  # ExportOptions(x=True)
+    message = re.sub(r"\b([a-z_][a-z0-9_]*)=True\b", flag, message)
     return message
 
 

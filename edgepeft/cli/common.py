@@ -80,6 +80,8 @@ class Progress:
 
     def update(self, step: int, total: int, loss: float) -> None:
         """The runtime's on_step callback: step of total in this run, and the step's loss."""
+        if self.loss is None and step > 1:
+            click.echo(f"resuming from step {step - 1} of {total}", err=True)
         self.loss = loss
         if self.interactive:
             if self._bar is None:

@@ -40,6 +40,12 @@ from edgepeft.cli.data_options import data_options, read_data
     help="Save crash-safe state here and resume from it: rerun the same command after a kill.",
 )
 @click.option(
+    "--new-run",
+    "replace_other_run",
+    is_flag=True,
+    help="With --checkpoint-dir holding another run: start a new run there (its state is replaced).",
+)
+@click.option(
     "--checkpoint-every",
     default=50,
     show_default=True,
@@ -63,7 +69,8 @@ from edgepeft.cli.data_options import data_options, read_data
 @click.option("--validation-fraction", "fraction", default=0.1, show_default=True,
               help="Share of --data held out with --store.")  # fmt: skip
 @click.option("--eval-every", default=50, show_default=True, help="Steps between validations with --store.")
-@click.option("--patience", default=3, show_default=True, help="Validations without improvement before stopping.")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Validations in a row without improvement before stopping.")  # fmt: skip
 @click.option("--adapter", type=click.Path(), help="Adapter directory to start from.")
 @click.option("--resume", "state", type=click.Path(), help="Training state directory to resume from.")
 @click.option("--adapter-out", type=click.Path(), help="Write the trained adapter here.")
@@ -85,6 +92,7 @@ def train(
     max_steps: int | None,
     max_seconds: float | None,
     checkpoint_dir: str | None,
+    replace_other_run: bool,
     checkpoint_every: int,
     memory_budget_mb: float | None,
     lower_batch_to_fit: bool,
@@ -125,15 +133,15 @@ def train(
                                 progress))  # fmt: skip
         else:
             result = session.train(train_set, config, progress.update, checkpoint_dir=checkpoint_dir,
-                                   checkpoint_every=checkpoint_every)  # fmt: skip
-            figures.update(stopped=result.stopped, steps=result.steps, median_step_ms=result.median_step_ms,
-                           epoch_losses=result.epoch_losses, train_seconds=result.seconds)  # fmt: skip
+                                   checkpoint_every=checkpoint_every, replace_other_run=replace_other_run)  # fmt: skip
+            figures.update(_run_figures(result))
+            _say_where_the_run_stands(result, checkpoint_dir)
     except KeyboardInterrupt:
         progress.close()
         _interrupted(checkpoint_dir)
     finally:
         progress.close()
-    figures["total_steps"] = session.step
+    figures["session_step"] = session.step
     if held_out is not None:
         after = session.evaluate(held_out)
         figures.update(accuracy_after=after.accuracy, eval_loss=after.loss)
@@ -156,13 +164,28 @@ def _fit(session, train_set, config, store, name, fraction, eval_every, patience
     train_set, validation = split_validation(train_set, fraction, config.seed)
     fitted = fit(session, train_set, validation, config, eval_every=eval_every, patience=patience,
                  store=adapters, name=name, on_step=progress.update)  # fmt: skip
-    result = fitted.training
     return {
-        "stopped": fitted.stopped, "steps": result.steps, "median_step_ms": result.median_step_ms,
-        "epoch_losses": result.epoch_losses, "train_seconds": result.seconds,
-        "validation_scores": fitted.scores, "best_score": fitted.best_score, "stored": fitted.stored,
-        "store": store, "name": name,
+        **_run_figures(fitted.training), "stopped": fitted.stopped, "validation_scores": fitted.scores,
+        "best_score": fitted.best_score, "stored": fitted.stored, "store": store, "name": name,
     }  # fmt: skip
+
+
+def _run_figures(result) -> dict[str, Any]:
+    return {
+        "stopped": result.stopped, "steps": result.steps, "median_step_ms": result.median_step_ms,
+        "epoch_losses": result.epoch_losses, "train_seconds": result.seconds, "run_steps": result.run_steps,
+        "total_steps": result.total_steps, "resumed_from": result.resumed_from,
+        "already_complete": result.already_complete, "new_run_replaced_another": result.replaced_run,
+    }  # fmt: skip
+
+
+def _say_where_the_run_stands(result, checkpoint_dir: str | None) -> None:
+    """Tell the user what a call with --checkpoint-dir did with the state it found there."""
+    if result.already_complete:
+        click.echo(f"the run in {checkpoint_dir} is already complete ({result.run_steps}/{result.total_steps} "
+                   "steps): nothing to train", err=True)  # fmt: skip
+    elif result.replaced_run:
+        click.echo(f"{checkpoint_dir} held another run: started a new one there (--new-run)", err=True)
 
 
 def _interrupted(checkpoint_dir: str | None) -> None:
@@ -199,7 +222,7 @@ def summary(figures: dict[str, Any]) -> str:
     parts = []
     if "accuracy_after" in figures and figures["accuracy_after"] is not None:
         parts.append(f"accuracy {figures['accuracy_before']:.1%} -> {figures['accuracy_after']:.1%}")
-    if figures["steps"]:
+    if figures["steps"] and figures["median_step_ms"] is not None:
         ms = figures["median_step_ms"]
         parts.append(f"{figures['steps']} steps, {ms:.{0 if ms >= 10 else 2}f} ms/step (median)")
     else:

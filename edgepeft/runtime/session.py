@@ -331,17 +331,17 @@ class TrainingSession:
         if same_settings and same_start:
             self._load_state(checkpoint, found, directory)
             return True
-        differences = [
-            f"`{key}` {found.run.get(key)!r} there, {identity.get(key)!r} here" if key != "data_sha256" else "other data"
-            for key in sorted(set(_settings(found.run)) | set(identity))
-            if found.run.get(key) != identity.get(key)
-        ]
+        differences = []
+        for key in sorted(set(_settings(found.run)) | set(identity)):
+            there, here = found.run.get(key), identity.get(key)
+            if there != here:
+                differences.append("other data" if key == "data_sha256" else f"`{key}` {there!r} there, {here!r} here")
         if not same_start:
             differences.append("the trainable values the run started from (not this session's)")
         message = f"training state {directory} belongs to another run ({'; '.join(differences)})"
         if not replace_other_run:
             raise BundleError(f"{message}: pass another checkpoint directory, or start a new run there, which "
-                              "replaces that state (`replace_other_run=True`)")  # fmt: skip
+                              "replaces that state (replace_other_run=True)")  # fmt: skip
         logger.warning("%s: starting a new run, which replaces it", message)
         return False
 
@@ -507,7 +507,9 @@ class TrainingSession:
         return path
 
     def save_state(self, directory: str | os.PathLike) -> Path:
-        """Save parameters, optimizer state and progress (crash-safe); resume with `TrainingSession(bundle, state=...)`."""
+        """Save parameters, optimizer state and progress (crash-safe).
+
+        Resume with `TrainingSession(bundle, state=...)`."""
         api = training_api()
 
         def save_checkpoint(path: Path) -> None:
