@@ -90,23 +90,18 @@ def fit(
     session.set_trainable(best_values)
     logger.info("fit: best validation score %.4f at step %d (%s)", best_score, best_step, stopped)
     stored = False
-    if store is not None:
-        incumbent = _stored_score(session, store, name, validation)
-        if incumbent is None or best_score > incumbent:
-            stored = store.save(name, best_values, steps=best_step, score=best_score)
-        else:
-            logger.info(
-                "fit: kept stored adapter %r (%.4f >= %.4f on this validation set)", name, incumbent, best_score
-            )
+    if store is not None:  # compare and save under the store's lock: a concurrent save is never replaced by worse
+        stored = store.save(name, best_values, steps=best_step, score=best_score, only_if_better=True,
+                            rescore=lambda values: _score_of(session, values, validation))  # fmt: skip
+        if not stored:
+            logger.info("fit: kept stored adapter %r (it scores >= %.4f on this validation set)", name, best_score)
     return FitReport(scores, best_score, best_step, stopped, stored, training)
 
 
-def _stored_score(session: TrainingSession, store: AdapterStore, name: str, validation: Dataset) -> float | None:
-    """The stored adapter's score on the same validation data (scores from other data do not compare)."""
-    if name not in {info.name for info in store.list()}:
-        return None
+def _score_of(session: TrainingSession, values: dict[str, np.ndarray], validation: Dataset) -> float:
+    """The score of other trainable `values` on the same validation data (scores from other data do not compare)."""
     current = session.trainable_values()
-    session.set_trainable(store.load(name))
+    session.set_trainable(values)
     try:
         return _score(session, validation)
     finally:
