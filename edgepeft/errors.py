@@ -23,3 +23,7 @@ class DataError(EdgePeftError, ValueError):
 
 class AdapterError(EdgePeftError):
     """An adapter directory is malformed or was made for a different base model."""
+
+
+class OutputError(EdgePeftError, FileExistsError):
+    """An output path must not be written: it holds something else, or lies inside the input bundle."""

@@ -78,4 +78,5 @@ def test_store_says_what_was_kept_and_why(runner, mlp_bundle, npz, tmp_path):
     assert "stopped: early_stopped" in result.output and "adapter 'me' stored" in result.output
     again = runner.invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert "not stored" in again.output and "stored adapter scores" in again.output
+    assert "adapter 'me' not stored: validation score" in again.output
+    assert "does not beat the stored adapter's" in again.output

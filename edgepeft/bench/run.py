@@ -22,10 +22,12 @@ from typing import Any
 from edgepeft.bench.config import DESCRIPTIONS, EDGEPEFT, PYTORCH, QUANTIZATION, BenchConfig
 from edgepeft.bench.worker import step_figures
 from edgepeft.errors import EdgePeftError
+from edgepeft.fileio import DirKind, claim_directory
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+RESULTS = DirKind("a benchmark results directory", ("results.json", "raw.partial.json"), any_marker=True)
 
 
 def _disk_bytes(path: Path) -> int:
@@ -189,14 +191,14 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, command: str = "", pr
 
     Raises:
         EdgePeftError: a worker failed (its last error line is in the message).
+        OutputError: `out` is a file, or a non-empty directory that is not a benchmark results directory.
     """
     from edgepeft.bench.chart import write_chart
     from edgepeft.bench.machine import describe_machine
     from edgepeft.bench.report import summarize, write_json, write_markdown
 
     say = progress or logger.info
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_directory(out, RESULTS)
     machine = describe_machine()  # before measuring: the commit and date the run starts from
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:

@@ -17,7 +17,8 @@ def _store(bundle: str, store: str):
     from edgepeft.runtime import open_bundle
     from edgepeft.runtime.store import AdapterStore
 
-    return AdapterStore(store, open_bundle(bundle).manifest)
+    opened = open_bundle(bundle)
+    return AdapterStore(store, opened.manifest, protect=(opened.path,))
 
 
 _bundle_option = click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False),

@@ -158,7 +158,7 @@ def _fit(session, train_set, config, store, name, fraction, eval_every, patience
     from edgepeft.runtime.fit import fit, split_validation
     from edgepeft.runtime.store import AdapterStore
 
-    adapters = AdapterStore(store, session.manifest)
+    adapters = AdapterStore(store, session.manifest, protect=(session.bundle.path,))
     if not adapter and name in {info.name for info in adapters.list()}:
         session.set_trainable(adapters.load(name))  # improve on the stored adapter
     train_set, validation = split_validation(train_set, fraction, config.seed)
@@ -166,7 +166,8 @@ def _fit(session, train_set, config, store, name, fraction, eval_every, patience
                  store=adapters, name=name, on_step=progress.update)  # fmt: skip
     return {
         **_run_figures(fitted.training), "stopped": fitted.stopped, "validation_scores": fitted.scores,
-        "best_score": fitted.best_score, "stored": fitted.stored, "store": store, "name": name,
+        "best_score": fitted.best_score, "stored": fitted.stored, "stored_score": fitted.stored_score,
+        "store": store, "name": name,
     }  # fmt: skip
 
 
@@ -217,6 +218,16 @@ def _finish(figures: dict[str, Any], report: str | None) -> None:
         sys.exit(EXIT_ERROR)
 
 
+def _store_outcome(figures: dict[str, Any]) -> str:
+    """Whether --store kept the new adapter, and the two validation scores that decided it."""
+    name, best, incumbent = figures["name"], figures["best_score"], figures["stored_score"]
+    if incumbent is None:
+        return f"adapter {name!r} stored (validation score {best:.4f}; the store had none)"
+    verdict = "stored" if figures["stored"] else "not stored"
+    relation = "beats" if figures["stored"] else "does not beat"
+    return f"adapter {name!r} {verdict}: validation score {best:.4f} {relation} the stored adapter's {incumbent:.4f}"
+
+
 def summary(figures: dict[str, Any]) -> str:
     """One line: what the run did, as a person reads it."""
     parts = []
@@ -229,7 +240,6 @@ def summary(figures: dict[str, Any]) -> str:
         parts.append("0 steps")
     parts.append(f"stopped: {figures['stopped']}")
     if "stored" in figures:
-        parts.append(f"adapter {figures['name']!r} {'stored' if figures['stored'] else 'not stored'} "
-                     f"(best validation score {figures['best_score']:.4f})")  # fmt: skip
+        parts.append(_store_outcome(figures))
     parts.append(f"peak RSS {figures['peak_rss_mb']:.0f} MB")
     return ", ".join(parts)

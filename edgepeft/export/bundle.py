@@ -31,10 +31,12 @@ from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
-from edgepeft.fileio import atomic_directory, sha256_file
+from edgepeft.fileio import DirKind, atomic_directory, sha256_file
 from edgepeft.runtime.memory import PROFILE_KEY, fit_profile
 
 logger = logging.getLogger(__name__)
+
+BUNDLE = DirKind("a bundle", (mf.MANIFEST_FILE, mf.CHECKPOINT))  # a bundle is replaced only by a bundle
 
 _BUILTIN_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
 _ONNX_DTYPES = {
@@ -64,12 +66,13 @@ def export(
 
     Raises:
         ExportError: the model, spec or options cannot be compiled (the message names the problem).
-        FileExistsError: `output_dir` exists and is not empty, and `overwrite` is False.
+        OutputError (a FileExistsError): `output_dir` holds a bundle and `overwrite` is False, or it is a file
+            or a non-empty directory that is not a bundle (never replaced, even with `overwrite`).
     """
     if (options.loss == "custom") != (loss_fn is not None):
         raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
     loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
-    with atomic_directory(output_dir, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
+    with atomic_directory(output_dir, BUNDLE, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
         with torch.random.fork_rng():  # seeded init of the head and lora_A, leaving the caller's RNG alone
             torch.manual_seed(options.seed)
             traced = _trace(model, example_inputs, lora, options, Path(tmp), out)

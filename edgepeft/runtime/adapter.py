@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from safetensors.numpy import save_file
 
 import edgepeft
 from edgepeft.errors import AdapterError
-from edgepeft.fileio import atomic_directory, json_checksum, read_json_object, write_json_atomic
+from edgepeft.fileio import DirKind, atomic_directory, json_checksum, read_json_object, write_json_atomic
 from edgepeft.manifest import ADAPTER_CONFIG, Manifest
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ WEIGHTS = "adapter_model.safetensors"
 FINGERPRINT_KEY = "edgepeft.base_fingerprint"
 CHECKSUM_KEY = "edgepeft.sha256"  # of the tensors' names, shapes and bytes: catches flipped bits
 CONFIG_CHECKSUM_KEY = "edgepeft.config_sha256"  # of adapter_config.json's content (PEFT's file has no room)
+ADAPTER = DirKind("an adapter", (ADAPTER_CONFIG, WEIGHTS))  # an adapter directory is replaced only by an adapter
 
 
 def save_adapter(
@@ -36,10 +38,15 @@ def save_adapter(
     directory: str | os.PathLike,
     overwrite: bool = True,
     extra: dict[str, dict] | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once.
 
-    `extra` maps further JSON file names to their contents, written in the same atomic step.
+    `extra` maps further JSON file names to their contents, written in the same atomic step. `directory` must
+    be new, empty, or an adapter (replaced only with `overwrite`), and not inside or holding a `protect` path.
+
+    Raises:
+        OutputError: `directory` holds something else, or lies inside a protected bundle.
     """
     tensors = {
         spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable
@@ -51,7 +58,7 @@ def save_adapter(
         CONFIG_CHECKSUM_KEY: json_checksum(manifest.peft_config),
         "edgepeft.version": edgepeft.__version__,
     }
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
+    with atomic_directory(directory, ADAPTER, overwrite=overwrite, protect=protect) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():

@@ -24,6 +24,8 @@ class FitReport:
     `stopped`: "complete", "early_stopped" (`patience` evaluations in a row without improvement), "max_steps",
     "max_seconds" (the budget of the whole fit), or "non_finite" (a NaN or infinite loss: a failure).
     `best_step` is the session step of the best parameters, which the session holds after the fit.
+    `stored_score`: the score the adapter already in the store had on the same validation data (None: there
+    was none), which `best_score` had to beat to replace it.
     """
 
     scores: list[float]
@@ -32,6 +34,7 @@ class FitReport:
     stopped: str
     stored: bool
     training: TrainReport  # all steps taken, across the evaluation pauses; its `stopped` is the fit's
+    stored_score: float | None = None
 
 
 def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -108,24 +111,24 @@ def fit(
     training.stopped = stopped
     session.set_trainable(best_values)
     logger.info("fit: best validation score %.4f at step %d (%s)", best_score, best_step, stopped)
-    stored = False
-    if store is not None:
-        incumbent = _stored_score(session, store, name, validation)
-        if incumbent is None or best_score > incumbent:
-            stored = store.save(name, best_values, steps=best_step, score=best_score)
-        else:
-            logger.info(
-                "fit: kept stored adapter %r (%.4f >= %.4f on this validation set)", name, incumbent, best_score
-            )
-    return FitReport(scores, best_score, best_step, stopped, stored, training)
+    stored, incumbent = False, []
+
+    def rescore(values: dict[str, np.ndarray]) -> float:
+        incumbent.append(_score_of(session, values, validation))
+        return incumbent[-1]
+
+    if store is not None:  # compare and save under the store's lock: a concurrent save is never replaced by worse
+        stored = store.save(name, best_values, steps=best_step, score=best_score, only_if_better=True,
+                            rescore=rescore)  # fmt: skip
+        if not stored:
+            logger.info("fit: kept stored adapter %r (it scores >= %.4f on this validation set)", name, best_score)
+    return FitReport(scores, best_score, best_step, stopped, stored, training, incumbent[-1] if incumbent else None)
 
 
-def _stored_score(session: TrainingSession, store: AdapterStore, name: str, validation: Dataset) -> float | None:
-    """The stored adapter's score on the same validation data (scores from other data do not compare)."""
-    if name not in {info.name for info in store.list()}:
-        return None
+def _score_of(session: TrainingSession, values: dict[str, np.ndarray], validation: Dataset) -> float:
+    """The score of other trainable `values` on the same validation data (scores from other data do not compare)."""
     current = session.trainable_values()
-    session.set_trainable(store.load(name))
+    session.set_trainable(values)
     try:
         return _score(session, validation)
     finally:

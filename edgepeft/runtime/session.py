@@ -13,6 +13,7 @@ import numpy as np
 
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, InputError
+from edgepeft.fileio import check_output_file, fsync_directory, fsync_file, is_onnx_model
 from edgepeft.runtime.adapter import load_adapter, save_adapter
 from edgepeft.runtime.bundle import Bundle, open_bundle
 from edgepeft.runtime.checkpoint import PROGRESS as PROGRESS_FILE
@@ -461,8 +462,14 @@ class TrainingSession:
         return {spec.name: np.array(params[spec.name].data) for spec in self.manifest.trainable}
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the trainable parameters as a PEFT adapter (`adapter_config.json` + safetensors)."""
-        return save_adapter(self.manifest, self.trainable_values(), directory)
+        """Write the trainable parameters as a PEFT adapter (`adapter_config.json` + safetensors), all at once.
+
+        `directory` must be new, empty, or an adapter (then replaced), and outside the bundle.
+
+        Raises:
+            OutputError: `directory` holds something else, or is (or is inside) the bundle.
+        """
+        return save_adapter(self.manifest, self.trainable_values(), directory, protect=(self.bundle.path,))
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load a PEFT adapter (trained here or on a host) into the trainable parameters."""
@@ -499,23 +506,44 @@ class TrainingSession:
             params[name] = value
 
     def export_inference(self, path: str | os.PathLike) -> Path:
-        """Write a standalone ONNX model (int8 base + the current adapter) for a plain ORT InferenceSession."""
+        """Write a standalone ONNX model (int8 base + the current adapter) for a plain ORT InferenceSession.
+
+        The file is written beside `path`, synced, then renamed over it; an existing file there is replaced
+        only if it is an ONNX model.
+
+        Raises:
+            OutputError: `path` is a directory, is inside the bundle, or is a file that is not an ONNX model.
+        """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        self._module.export_model_for_inferencing(str(tmp), [spec.name for spec in self.manifest.outputs])
-        os.replace(tmp, path)
+        check_output_file(path, "an ONNX model", is_onnx_model, protect=(self.bundle.path,))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            self._module.export_model_for_inferencing(str(tmp), [spec.name for spec in self.manifest.outputs])
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_directory(path.parent)
         return path
 
     def save_state(self, directory: str | os.PathLike) -> Path:
-        """Save parameters, optimizer state and progress (crash-safe).
+        """Save parameters, optimizer state and progress (crash-safe); resume with `TrainingSession(bundle, state=)`.
 
-        Resume with `TrainingSession(bundle, state=...)`."""
+        `directory` must be new, empty, or a training state (then updated), and outside the bundle.
+
+        Raises:
+            OutputError: `directory` holds something else, or is (or is inside) the bundle.
+        """
         api = training_api()
 
         def save_checkpoint(path: Path) -> None:
             api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=True)
 
-        return write_state(directory, save_checkpoint, self.progress, self.manifest.base_fingerprint)
+        return write_state(
+            directory, save_checkpoint, self.progress, self.manifest.base_fingerprint, protect=(self.bundle.path,)
+        )
 
 
 def _settings(run: dict) -> dict:
