@@ -33,8 +33,8 @@ WEIGHTS = "adapter_model.safetensors"
 FINGERPRINT_KEY = "edgepeft.base_fingerprint"
 CHECKSUM_KEY = "edgepeft.sha256"  # of the tensors' names, shapes and bytes: catches flipped bits
 # of the config fields that shape the computation, and the fingerprint (PEFT's JSON file has no room for it).
-# (Adapters written before 0.x carry "edgepeft.config_sha256" of the whole file: no longer checked, since
-# it refused adapters edited in free fields; the fields that matter are checked against the bundle instead.)
+# (Older adapters carry "edgepeft.config_sha256", of the whole file: no longer checked, since it refused
+# adapters edited in free fields; the fields that matter are checked against the bundle instead.)
 CONFIG_CHECKSUM_KEY = "edgepeft.config_fields_sha256"
 # adapter_config.json fields that change what the tensors compute; the others are free to edit
 SHAPING_FIELDS = (
