@@ -71,7 +71,8 @@ def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int 
     for quantization in ("int8", "fp32"):
         print(f"exporting the {quantization} bundle ...", file=sys.stderr)
         bundles[quantization] = out / f"bundle-{quantization}"
-        options = ExportOptions(labels=labels, quantization=quantization, profile_memory=quantization == "int8")
+        options = ExportOptions(labels=labels, quantization=quantization, profile_memory=quantization == "int8",
+                                base_name="sentence-transformers/all-MiniLM-L6-v2")  # the hub name adapters carry
         export(minilm_path(), bundles[quantization], lora=spec, options=options, overwrite=True)
 
     print("training on the device (a separate process, without torch) ...", file=sys.stderr)

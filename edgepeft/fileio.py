@@ -100,6 +100,13 @@ def json_checksum(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON with its own checksum to a temporary file beside `path`, fsync it, rename it over `path`,
     and fsync the directory so the rename survives a power loss.
@@ -108,6 +115,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: give it what a plain open() would
         with os.fdopen(fd, "w") as f:
             json.dump({**data, CHECKSUM_FIELD: json_checksum(data)}, f, indent=2, sort_keys=True)
             f.flush()
@@ -334,7 +342,7 @@ def atomic_directory(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent))
     held = _hold(tmp)
     try:
-        tmp.chmod(0o755)
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: give it what a plain mkdir() would
         crash_point(f"{target.name}: temporary directory created")
         yield tmp
         crash_point(f"{target.name}: temporary directory written")

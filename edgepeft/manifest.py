@@ -79,6 +79,7 @@ class Manifest:
     peft_config: dict[str, Any]
     labels: tuple[str, ...] = ()
     max_length: int | None = None
+    base_names: tuple[str, ...] = ()  # what the base model is called (hub name, directory name), if known
     versions: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -116,6 +117,8 @@ class Manifest:
             raise BundleError("manifest base_fingerprint is not a sha256 digest")
         if not all(isinstance(label, str) for label in self.labels):
             raise BundleError("manifest labels must be strings")
+        if not all(isinstance(name, str) and name for name in self.base_names):
+            raise BundleError("manifest base_names must be non-empty strings")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length <= 0):
             raise BundleError(f"manifest max_length {self.max_length!r} is not a positive integer")
 
@@ -152,6 +155,7 @@ class Manifest:
                 peft_config=dict(data["peft_config"]),
                 labels=tuple(data.get("labels", ())),
                 max_length=data.get("max_length"),
+                base_names=tuple(data.get("base_names", ())),
                 versions=dict(data.get("versions", {})),
                 stats=dict(data.get("stats", {})),
                 schema_version=data.get("schema_version", -1),

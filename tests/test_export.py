@@ -17,6 +17,7 @@ from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export import ExportOptions, LoraSpec, export
 from edgepeft.runtime import TrainConfig, TrainingSession
+from edgepeft.runtime.ort import onnxruntime_module, training_api
 
 # Tolerances, ORT eval output against torch's eval output of the same fp32 model:
 FP32_ATOL = 1e-4
@@ -130,15 +131,72 @@ def test_bias_modes(tmp_path, bias, expected):
     assert biases == expected
 
 
-def test_lora_dropout_trains_but_does_not_evaluate(tmp_path):
+def test_lora_dropout_trains_but_no_inference_graph_applies_it(tmp_path):
     export_tiny("mlp", tmp_path / "b", quantization="fp32", dropout=0.3)
     training = onnx.load(str(tmp_path / "b" / mf.TRAINING_MODEL))
     assert sum(node.op_type == "Dropout" for node in training.graph.node) == 2  # one per LoRA layer
-    model, example = _reference("mlp")
-    with torch.no_grad():
-        expected = model(*example.values()).numpy()
     session = TrainingSession(tmp_path / "b")
-    np.testing.assert_allclose(session.predict({"x": example["x"].numpy()}).outputs, expected, atol=FP32_ATOL, rtol=0)
+    values = session.trainable_values()
+    rng = np.random.default_rng(0)
+    for name in values:  # lora_B nonzero: with it at zero, dropout on and off give the same output
+        if "lora_B" in name:
+            values[name] = rng.standard_normal(values[name].shape).astype(np.float32)
+    session.set_trainable(values)
+    x = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    predicted = session.predict(x).outputs  # the eval graph
+    np.testing.assert_array_equal(session.predict(x).outputs, predicted)
+    session.export_inference(tmp_path / "exported.onnx")
+    inference = onnx.load(str(tmp_path / "b" / mf.INFERENCE_MODEL))
+    for init in inference.graph.initializer:  # the bundle's inference.onnx with the trained values written in
+        if init.name in values:
+            init.CopyFrom(onnx.numpy_helper.from_array(values[init.name], init.name))
+    for model in (str(tmp_path / "exported.onnx"), inference.SerializeToString()):
+        runs = [onnxruntime_module().InferenceSession(model).run(None, x)[0] for _ in range(2)]
+        np.testing.assert_allclose(runs[0], predicted, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(runs[1], runs[0])
+    # ... while training, it is on: two forward passes of the training graph differ
+    api = training_api()
+    module = api.Module(str(tmp_path / "b" / mf.TRAINING_MODEL), session._state)
+    module.train()
+    labels = np.zeros(4, dtype=np.int64)
+    assert not np.array_equal(module(x["x"], labels)[1], module(x["x"], labels)[1])
+
+
+def test_export_leaves_the_callers_model_untouched(tmp_path):
+    model, example = tiny_models.mlp()
+    model.train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    export(model, tmp_path / "b", example_inputs=example, lora=LoraSpec(target_modules=("fc1", "fc2")))
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert not [name for name, _ in model.named_modules() if "lora" in name]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "trained", [{"bias": "all"}, {"modules_to_save": ("head", "norm")}], ids=["bias_all", "norm_saved"]
+)
+def test_batchnorm_uses_its_running_statistics_in_training_too(tmp_path, trained):
+    """Whichever BatchNorm parameters train, training and evaluation normalise with the same statistics."""
+    model, example = tiny_models.convnet()
+    lora = LoraSpec(target_modules=("conv1", "conv2"), **{"modules_to_save": ("head",), **trained})
+    manifest = export(model, tmp_path / "b", example_inputs=example, lora=lora,
+                      options=ExportOptions(quantization="fp32"))  # fmt: skip
+    assert {p.name for p in manifest.trainable if p.name.startswith("norm.")}, "a BatchNorm parameter trains"
+    session = TrainingSession(tmp_path / "b")
+    image = example["image"].numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(session.predict({"image": image}).outputs, model.eval()(example["image"]).numpy(),
+                                   atol=FP32_ATOL, rtol=0)  # fmt: skip
+    api = training_api()
+    module = api.Module(str(tmp_path / "b" / mf.TRAINING_MODEL), session._state)
+    module.train()
+    training_logits = module(image, np.arange(4))[1]
+    np.testing.assert_allclose(training_logits, session.predict({"image": image}).outputs, atol=1e-5, rtol=0)
+    data = session.dataset({"image": image}, np.arange(4))
+    report = session.train(data, TrainConfig(epochs=20, batch_size=4, learning_rate=1e-2))
+    assert session.evaluate(data).loss == pytest.approx(report.epoch_losses[-1], rel=0.5)
 
 
 def test_regex_target_modules(tmp_path):

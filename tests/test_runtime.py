@@ -193,7 +193,7 @@ def test_adapter_with_other_shapes_or_broken_files_is_refused(mlp_bundle, tmp_pa
     export_tiny("mlp", tmp_path / "r4", r=4)
     TrainingSession(tmp_path / "r4").save_adapter(tmp_path / "adapter4")
     session = TrainingSession(mlp_bundle)
-    with pytest.raises(AdapterError, match="made for a different base model|has shape"):
+    with pytest.raises(AdapterError, match="made for a different base model|has shape|r is 4"):
         session.load_adapter(tmp_path / "adapter4")
 
     session.save_adapter(tmp_path / "adapter")

@@ -40,6 +40,7 @@ from edgepeft.cli.common import comma_list, directory_size, human_size
 )
 @click.option("--max-length", default=128, show_default=True, help="Longest token sequence for text models.")
 @click.option("--profile-memory", is_flag=True, help="Measure peak memory at a few sizes, for --memory-budget.")
+@click.option("--base-name", help="The base model's hub name, written into adapters [default: from config.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory (never anything else).")
 def export(
     model: str,
@@ -57,6 +58,7 @@ def export(
     quantization: str,
     max_length: int,
     profile_memory: bool,
+    base_name: str | None,
     overwrite: bool,
 ) -> None:
     """Compile MODEL into a training bundle.
@@ -73,7 +75,7 @@ def export(
                     modules_to_save=modules_to_save)  # fmt: skip
     options = ExportOptions(
         loss=loss, optimizer=optimizer, quantization=quantization, max_length=max_length, labels=comma_list(labels),
-        profile_memory=profile_memory,
+        profile_memory=profile_memory, base_name=base_name,
     )  # fmt: skip
     example_inputs = None
     if not Path(model).is_dir():

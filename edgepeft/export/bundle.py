@@ -26,12 +26,13 @@ from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
-from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers
+from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers, remove_dropout_
 from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.fileio import DirKind, atomic_directory, sha256_file
+from edgepeft.runtime.adapter import portable_base_name
 from edgepeft.runtime.memory import PROFILE_KEY, fit_profile
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def export(
 
     `model` is a `torch.nn.Module` (then `example_inputs` names and shapes its inputs) or the directory
     of a Hugging Face transformers sequence-classification model (then `options.labels` names the
-    classes and a new head is trained). The bundle is written all at once: on any error nothing is left.
+    classes and a new head is trained). A module passed in is copied, never changed: LoRA is added to
+    the copy. The bundle is written all at once: on any error nothing is left.
 
     Raises:
         ExportError: the model, spec or options cannot be compiled (the message names the problem).
@@ -88,7 +90,7 @@ def export(
         if quantized:
             frozen = [n for n in frozen if n not in set(quantized)] + quantize_initializers_(forward, quantized)
         int8_compute = bool(quantized) and options.int8_compute
-        _save(forward, out / mf.INFERENCE_MODEL, int8_compute)
+        _save(forward, out / mf.INFERENCE_MODEL, int8_compute, inference=True)
 
         full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
@@ -97,7 +99,7 @@ def export(
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
         _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
-        _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute)
+        _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
         manifest = mf.Manifest(
@@ -115,6 +117,7 @@ def export(
             files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
             peft_config=traced.adapted.peft_config,
             labels=traced.labels,
+            base_names=traced.base_names,
             max_length=options.max_length if (out / mf.TOKENIZER).exists() else None,
             versions=_versions(),
             stats={
@@ -138,6 +141,7 @@ class _Traced:
     graph: onnx.ModelProto  # the forward graph, trainable values in place
     example_output: torch.Tensor
     labels: tuple[str, ...]
+    base_names: tuple[str, ...]  # what the base model is called: its hub name, its directory's name
 
 
 def _trace(
@@ -152,15 +156,17 @@ def _trace(
     if isinstance(model, nn.Module):
         if not example_inputs:
             raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
-        adapted = add_lora(model, lora)
+        adapted = add_lora(copy.deepcopy(model), lora)  # the caller's model keeps its parameters and mode
         graph = export_module(
             adapted.module, dict(example_inputs), work / "forward.onnx", list(adapted.adapter_keys), options.opset
         )
         with torch.no_grad():
             output = adapted.module(*example_inputs.values())
         labels = options.labels
+        base_names = (options.base_name,) if options.base_name else ()
     else:
         adapted, labels, example_inputs = _load_transformers(Path(model), lora, options, out)
+        base_names = _base_names(Path(model), options.base_name)
         with first_token_last_layer(adapted.module):  # exact: the classifier reads the first token only
             graph = export_transformers(
                 adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset
@@ -169,7 +175,21 @@ def _trace(
             output = adapted.module(**example_inputs).logits
     if not isinstance(output, torch.Tensor):
         raise ExportError(f"the model must return one tensor, got {type(output).__name__}")
-    return _Traced(adapted, graph, output, labels)
+    # PEFT writes these in adapters it saves: a portable name of the base (never a path into this machine)
+    adapted.peft_config["base_model_name_or_path"] = base_names[0] if base_names else None
+    adapted.peft_config["inference_mode"] = True
+    return _Traced(adapted, graph, output, labels, base_names)
+
+
+def _base_names(source: Path, given: str | None) -> tuple[str, ...]:
+    """The base's portable name first (`given`, else config.json's hub name, else the directory's name)."""
+    try:
+        recorded = json.loads((source / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    hub = portable_base_name(recorded) if isinstance(recorded, str) and not os.path.isabs(recorded) else None
+    names = [given, hub if hub and not hub.startswith(".") else None, source.resolve().name]
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 def _load_transformers(
@@ -184,12 +204,17 @@ def _load_transformers(
     if not options.labels:
         raise ExportError("a transformers classifier needs `labels`: the class names, in order")
     labels = options.labels
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
+    with _transformers_warnings_silenced():  # "newly initialized ... TRAIN this model": the new head, by design
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            output_loading_info=True,
+        )
+    if loading.get("missing_keys"):
+        logger.info("new head %s initialised (seed %d): it trains on the device",
+                    sorted(loading["missing_keys"]), options.seed)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
@@ -198,7 +223,6 @@ def _load_transformers(
     backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=None)
     backend.save(str(out / mf.TOKENIZER))
     adapted = add_lora(model, lora, task_type="SEQ_CLS")
-    adapted.peft_config["base_model_name_or_path"] = str(source)
     example = tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt")
     return adapted, labels, dict(example)
 
@@ -252,14 +276,35 @@ def _generate_artifacts(
 
 
 def _save(
-    model: onnx.ModelProto, path: Path, int8_compute: bool, *, matmuls: bool = False, gradients: bool = False
+    model: onnx.ModelProto,
+    path: Path,
+    int8_compute: bool,
+    *,
+    matmuls: bool = False,
+    gradients: bool = False,
+    inference: bool = False,
 ) -> None:
     """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls; if
-    `gradients`, input-gradient matmuls) use int8."""
-    if int8_compute:
+    `gradients`, input-gradient matmuls) use int8. An `inference` graph has no Dropout (LoRA's is off)."""
+    if int8_compute or inference:
         model = copy.deepcopy(model)
+    if inference:
+        remove_dropout_(model)
+    if int8_compute:
         use_int8_compute_(model, matmuls=matmuls, gradients=gradients)
     onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _transformers_warnings_silenced() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

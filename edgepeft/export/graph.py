@@ -140,10 +140,13 @@ def _write_back(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> None
 
 
 def _freeze_batchnorm(model: onnx.ModelProto, trainable: set[str]) -> None:
-    """Turn frozen BatchNormalization nodes into a per-channel Mul and Add on the running statistics.
+    """Turn every BatchNormalization node into per-channel Mul and Add on its frozen running statistics.
 
     ORT's gradient graph trains BatchNormalization with batch statistics while its eval graph uses the
-    running ones; a frozen backbone must behave the same in both, as it does in torch's eval mode.
+    running ones; the statistics are never trained, so both graphs must normalise with the running ones,
+    as torch's eval mode does. A frozen weight and bias fold into one scale and shift; a trainable weight
+    or bias (`bias="all"`, or the BatchNorm in `modules_to_save`) stays a parameter:
+    y = (x - mean) / sqrt(var + eps) * weight + bias.
     """
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -154,31 +157,65 @@ def _freeze_batchnorm(model: onnx.ModelProto, trainable: set[str]) -> None:
     nodes = []
     for node in graph.node:
         params = list(node.input[1:5])
-        if (
-            node.op_type != "BatchNormalization"
-            or len(node.output) != 1
-            or not all(p in initializers for p in params)
-            or trainable & set(params)
-        ):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1 or not all(p in initializers for p in params):
             nodes.append(node)
             continue
-        scale, bias, mean, var = (numpy_helper.to_array(initializers[p]) for p in params)
+        if trainable & set(params[2:]):
+            raise ExportError(f"BatchNorm {node.name}: its running statistics cannot train")
+        weight_name, bias_name = params[:2]
+        weight, bias, mean, var = (numpy_helper.to_array(initializers[p]) for p in params)
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        multiplier = scale / np.sqrt(var + eps)
-        shift = bias - mean * multiplier
         shape = [1, -1] + [1] * (ranks.get(node.input[0], 4) - 2)
-        names = [f"{node.name or node.output[0]}/frozen_{kind}" for kind in ("scale", "shift")]
+        prefix = node.name or node.output[0]
+        multiplier = 1.0 / np.sqrt(var + eps)
+        if weight_name not in trainable:
+            multiplier = multiplier * weight
+        shift = -mean * multiplier
+        if bias_name not in trainable:
+            shift = shift + bias
+        names = [f"{prefix}/frozen_{kind}" for kind in ("scale", "shift")]
         for name, value in zip(names, (multiplier, shift)):
             graph.initializer.append(numpy_helper.from_array(value.reshape(shape).astype(np.float32), name))
-        scaled = f"{node.output[0]}/scaled"
-        nodes.append(onnx.helper.make_node("Mul", [node.input[0], names[0]], [scaled]))
-        nodes.append(onnx.helper.make_node("Add", [scaled, names[1]], [node.output[0]]))
+        steps = [("Mul", names[0]), ("Add", names[1])]
+        trained = [(op, name) for name, op in ((weight_name, "Mul"), (bias_name, "Add")) if name in trainable]
+        if trained:
+            channel_shape = f"{prefix}/channel_shape"
+            graph.initializer.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), channel_shape))
+            for op, name in trained:
+                nodes.append(onnx.helper.make_node("Reshape", [name, channel_shape], [f"{prefix}/{name}/per_channel"]))
+                steps.append((op, f"{prefix}/{name}/per_channel"))
+        value = node.input[0]
+        for index, (op, operand) in enumerate(steps):
+            out = node.output[0] if index == len(steps) - 1 else f"{node.output[0]}/step{index}"
+            nodes.append(onnx.helper.make_node(op, [value, operand], [out]))
+            value = out
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
     unused = [i for i in graph.initializer if i.name not in used]
     for init in unused:
         graph.initializer.remove(init)
+
+
+def remove_dropout_(model: onnx.ModelProto) -> int:
+    """Replace every Dropout node by an Identity: an inference graph must give the same output on every run.
+
+    Returns how many were replaced. A Dropout whose mask output is read cannot be removed (ExportError).
+    """
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "Dropout":
+            nodes.append(node)
+            continue
+        if len(node.output) > 1 and node.output[1] and node.output[1] in read:
+            raise ExportError(f"Dropout {node.name}: its mask is read by the graph, it cannot be turned off")
+        nodes.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name=f"{node.name}/off"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
 
 
 def _add_layernorm_stat_outputs(model: onnx.ModelProto) -> None:

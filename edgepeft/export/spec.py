@@ -59,6 +59,9 @@ class ExportOptions:
     # MiniLM steps ~14% slower, 360 vs 315 ms at 8 x 128; Austen accuracy over 3 seeds 81.7% vs 80.3%)
     int8_gradients: bool = True
     profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
+    # the base model's hub name, written as adapters' base_model_name_or_path (default: config.json's
+    # `_name_or_path` unless it is a path, else the model directory's name; none for a torch module)
+    base_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -74,6 +77,8 @@ class ExportOptions:
             raise ExportError(f"`max_length` must be positive, got {self.max_length!r}")
         if self.opset < 14:
             raise ExportError(f"`opset` must be at least 14, got {self.opset!r}")
+        if self.base_name is not None and (not isinstance(self.base_name, str) or not self.base_name.strip()):
+            raise ExportError(f"`base_name` must be a non-empty string (a hub name), got {self.base_name!r}")
         labels = tuple(str(label) for label in self.labels)
         if len(set(labels)) != len(labels):
             raise ExportError(f"`labels` holds duplicates: {labels}")
