@@ -43,8 +43,8 @@ def test_help(runner):
         ),
         (["--batches", "8,x"], "--batches must be comma-separated integers, got '8,x'"),
         (["--seqs", "512"], "sequence length 512 exceeds the bundle's max_length 128"),
-        (["--steps", "0"], "`steps` must be a positive integer, got 0"),
-        (["--smoke", "--seeds", "-1"], "`seeds` must be a non-empty list of non-negative integers"),
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["--smoke", "--seeds", "-1"], "--seeds must be a non-empty list of non-negative integers"),
     ],
 )
 def test_bad_options_are_one_line(runner, tmp_path, args, message):
