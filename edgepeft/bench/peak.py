@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -28,22 +29,26 @@ def best_rate(product: Callable[[], object], flops: float, seconds: float, round
     return best
 
 
-def blas_info() -> list[dict[str, Any]]:
-    """The BLAS libraries this process loaded, as threadpoolctl sees them (kernel in `architecture`)."""
+def _threadpoolctl() -> types.ModuleType:
     try:
         import threadpoolctl
     except ImportError:
         from edgepeft.errors import EdgePeftError
 
-        raise EdgePeftError("threadpoolctl is not installed: pip install -e '.[bench]'") from None
-    return [info for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+        raise EdgePeftError("the numpy matmul peak needs threadpoolctl: pip install -e '.[bench]'") from None
+    return threadpoolctl
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """The BLAS libraries this process loaded, as threadpoolctl sees them (kernel in `architecture`)."""
+    return [info for info in _threadpoolctl().threadpool_info() if info.get("user_api") == "blas"]
 
 
 def numpy_fp32(size: int, seconds: float, threads: int) -> dict[str, Any]:
     """numpy float32 matmul (its OpenBLAS), limited to `threads` BLAS threads; with the kernel it ran."""
     import numpy as np
-    import threadpoolctl
 
+    threadpoolctl = _threadpoolctl()
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out = np.empty_like(a)

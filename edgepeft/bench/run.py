@@ -43,17 +43,18 @@ def spawn(
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     env = {name: value for name, value in env.items() if name not in unset}
+    who = job.get("system") or job.get("library", "")
     job = {**job, "spawned": time.time()}
     try:
         run = subprocess.run([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
                              capture_output=True, text=True, env=env, timeout=timeout, check=False)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise EdgePeftError(
-            f"benchmark worker {job.get('system', '')} {job['task']} ran over {timeout:.0f} s"
+            f"benchmark worker {who} {job['task']} ran over {timeout:.0f} s"
         ) from None
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise EdgePeftError(f"benchmark worker {job.get('system', '')} {job['task']} failed: {last}")
+        raise EdgePeftError(f"benchmark worker {who} {job['task']} failed: {last}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if QUANTIZATION.get(job.get("system")) is not None and result["torch_loaded"]:
         raise EdgePeftError(f"the {job['system']} worker loaded torch: its figures would not be a device's")
