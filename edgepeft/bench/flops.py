@@ -1,4 +1,4 @@
-"""FLOP counts of a BERT training step with LoRA, and this machine's sustained matrix-multiply FLOP/s.
+"""FLOP counts of a BERT training step with LoRA, split into the frozen weights' matmuls and the rest.
 
 Only matrix multiplies are counted (2 FLOPs per multiply-add); softmax, LayerNorm, GELU, the embedding
 gather and the optimizer are left out. With T = batch * seq tokens, hidden H, FFN width I, LoRA rank r on
@@ -19,13 +19,18 @@ and the head is 2*batch*H^2 (pooler) + 2*batch*H*C (classifier). The backward of
       input gradient of A in the lowest layer (1.5x);
     - the head's weight gradient and input gradient for the classifier (2x), the pooler's input gradient (1x).
 
-Layers below the lowest trainable one need no backward at all. Call-site figures are in GFLOP of fp32 work.
+Layers below the lowest trainable one need no backward at all. With `first_token_last_layer` (what
+edgepeft's exporter compiles, `edgepeft/export/first_token.py`), the last layer's queries, attention output
+and feed-forward cover the first token only: its K and V projections (and LoRA on key/value) still cover
+all T tokens, everything else `batch` rows, and attention is one query row per sequence.
+
+`StepFlops.frozen` is the frozen weights' share (projections, FFN, pooler, forward and input gradients):
+the matmuls an int8 bundle computes in int8. Attention, LoRA and the classifier are fp32 in every system.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +53,11 @@ class BertDims:
 
 @dataclass(frozen=True)
 class StepFlops:
-    """FLOPs of one training step, split into forward and backward."""
+    """FLOPs of one training step, split into forward and backward; `frozen` of them are the frozen weights'."""
 
     forward: float
     backward: float
+    frozen: float = 0.0
 
     @property
     def total(self) -> float:
@@ -59,41 +65,40 @@ class StepFlops:
 
 
 def train_step_flops(
-    dims: BertDims, batch: int, seq: int, *, rank: int, lora_per_layer: int, classes: int, lowest_trainable: int = 0
+    dims: BertDims,
+    batch: int,
+    seq: int,
+    *,
+    rank: int,
+    lora_per_layer: int,
+    classes: int,
+    lowest_trainable: int = 0,
+    first_token_last_layer: bool = False,
+    lora_on_keys_values: int = 0,
 ) -> StepFlops:
-    """Matrix-multiply FLOPs of one training step (see the module docstring for the formula)."""
-    h, i, tokens = dims.hidden, dims.intermediate, batch * seq
-    weights = 2 * tokens * (4 * h * h + 2 * h * i)
-    qkv = 2 * tokens * 3 * h * h
-    attention = 4 * batch * seq * seq * h
-    lora = 4 * tokens * h * rank * lora_per_layer
-    pooler, classifier = 2 * batch * h * h, 2 * batch * h * classes
+    """Matrix-multiply FLOPs of one training step (see the module docstring for the formula).
 
-    forward = dims.layers * (weights + attention + lora) + pooler + classifier
-    above = dims.layers - lowest_trainable - 1  # layers entirely above the lowest trainable one
-    backward = above * (weights + 2 * attention + 2 * lora)
-    backward += (weights - qkv) + 1.5 * attention + 1.5 * lora  # the lowest trainable layer
-    backward += pooler + 2 * classifier
-    return StepFlops(float(forward), float(backward))
-
-
-def measure_matmul_flops(seconds: float = 3.0, size: int = 2048, rounds: int = 3) -> float:
-    """Sustained float32 FLOP/s of numpy's `size` x `size` matmul: the best of `rounds` rounds over `seconds`.
-
-    numpy's BLAS uses every core by default, as the training runs do.
+    `lora_on_keys_values` is how many of the `lora_per_layer` targets project keys or values: in a
+    first-token last layer those still cover every token.
     """
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    out = np.empty_like(a)
-    np.matmul(a, b, out=out)  # warm-up: threads started, pages touched
-    best = 0.0
-    for _ in range(rounds):
-        count, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds / rounds or count == 0:
-            np.matmul(a, b, out=out)
-            count += 1
-        best = max(best, 2.0 * size**3 * count / elapsed)
-    return best
+    h, i, tokens = dims.hidden, dims.intermediate, batch * seq
+    forward = backward = frozen = 0.0
+    for layer in range(dims.layers):
+        rows = batch if first_token_last_layer and layer == dims.layers - 1 else tokens  # query positions
+        qkv = 2 * h * h * (rows + 2 * tokens)
+        other = 2 * rows * (h * h + 2 * h * i)  # attention output projection and the FFN
+        attention = 4 * rows * seq * h
+        lora = 4 * h * rank * (rows * (lora_per_layer - lora_on_keys_values) + tokens * lora_on_keys_values)
+        forward += qkv + other + attention + lora
+        frozen += qkv + other
+        if layer < lowest_trainable:
+            continue
+        lowest = layer == lowest_trainable
+        weight_gradients = other if lowest else qkv + other  # input gradients of the frozen weights
+        backward += weight_gradients + (1.5 if lowest else 2.0) * (attention + lora)
+        frozen += weight_gradients
+    pooler, classifier = 2 * batch * h * h, 2 * batch * h * classes
+    forward += pooler + classifier
+    backward += pooler + 2 * classifier
+    frozen += 2 * pooler
+    return StepFlops(float(forward), float(backward), float(frozen))

@@ -9,7 +9,12 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-_PACKAGES = ("onnxruntime-training-cpu", "onnx", "torch", "transformers", "peft", "numpy", "edgepeft")
+_PACKAGES = ("onnxruntime-training-cpu", "onnx", "torch", "transformers", "peft", "numpy", "threadpoolctl",
+             "edgepeft")  # fmt: skip
+# The /proc/cpuinfo flags that decide which fp32 and int8 matmul kernels run (x86: FMA, AVX2, AVX-512 and
+# its VNNI/BF16 parts, AVX-VNNI, AMX; Arm: dot product, i8mm, SVE), in this order in the report.
+MATMUL_FEATURES = ("fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                   "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")  # fmt: skip
 
 
 def _cpu() -> dict[str, Any]:
@@ -20,9 +25,9 @@ def _cpu() -> dict[str, Any]:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     info["model"] = value.strip()
-                elif key.strip() == "flags":
-                    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni")
-                    info["flags"] = [flag for flag in value.split() if flag in wanted]
+                elif key.strip() in ("flags", "Features"):
+                    present = set(value.split())
+                    info["flags"] = [flag for flag in MATMUL_FEATURES if flag in present]
                     break
     except OSError:
         pass

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgepeft.bench.config import PYTORCH, BenchConfig
-from edgepeft.bench.flops import BertDims, train_step_flops
+from edgepeft.bench.config import PYTORCH, QUANTIZATION, BenchConfig
+from edgepeft.bench.flops import BertDims, StepFlops, train_step_flops
+from edgepeft.bench.roofline import roofline_seconds
 
 # Headline figures compared with PyTorch + PEFT as a ratio (system / PyTorch).
 RATIO_KEYS = ("step_ms", "peak_rss_mb", "cold_start_train_s", "cold_start_predict_s", "latency_ms", "bundle_mb",
@@ -19,16 +20,30 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _system_summary(config: BenchConfig, raw: dict[str, Any], name: str, peak: float) -> dict[str, Any]:
+def step_flops(raw: dict[str, Any], name: str, batch: int, seq: int) -> StepFlops:
+    """The matmul FLOPs `name` executes in one step: an ORT bundle's last layer works on the first token only."""
+    exported = QUANTIZATION[name] is not None  # compiled by edgepeft's exporter (`export/first_token.py`)
+    targets = raw["lora"]["target_modules"]
+    return train_step_flops(
+        BertDims(**raw["model_dims"]), batch, seq, rank=raw["lora"]["r"], lora_per_layer=raw["lora"]["per_layer"],
+        classes=len(raw["labels"]), first_token_last_layer=exported,
+        lora_on_keys_values=sum(target in ("key", "value") for target in targets) if exported else 0,
+    )  # fmt: skip
+
+
+def _system_summary(config: BenchConfig, raw: dict[str, Any], name: str) -> dict[str, Any]:
     figures = raw["systems"][name]
-    dims = BertDims(**raw["model_dims"])
+    peaks = raw["peaks"]
+    int8_frozen = QUANTIZATION[name] == "int8"  # the default bundle multiplies its frozen weights in int8
     speed = []
     for point in figures["speed"]:
-        flops = train_step_flops(dims, point["batch"], point["seq"], rank=raw["lora"]["r"],
-                                 lora_per_layer=raw["lora"]["per_layer"], classes=len(raw["labels"]))  # fmt: skip
-        achieved = flops.total / (point["median_ms"] / 1000)
-        speed.append({**point, "gflop_per_step": flops.total / 1e9, "achieved_gflop_per_s": achieved / 1e9,
-                      "flops_fraction": achieved / peak})  # fmt: skip
+        flops = step_flops(raw, name, point["batch"], point["seq"])
+        seconds = point["median_ms"] / 1000
+        roofline = roofline_seconds(flops, int8_frozen, peaks["fp32_flops_per_s"], peaks["int8_ops_per_s"])
+        speed.append({**point, "gflop_per_step": flops.total / 1e9,
+                      "int8_gflop_per_step": (flops.frozen if int8_frozen else 0.0) / 1e9,
+                      "achieved_gflop_per_s": flops.total / seconds / 1e9, "roofline_ms": roofline * 1000,
+                      "roofline_share": roofline / seconds})  # fmt: skip
     headline = next(p for p in speed if (p["batch"], p["seq"]) == config.headline)
     accuracy = figures["accuracy"]
     processes = [*figures["speed"], figures["cold_train"], figures["cold_predict"], figures["latency"],
@@ -39,7 +54,7 @@ def _system_summary(config: BenchConfig, raw: dict[str, Any], name: str, peak: f
         "step_p90_ms": headline["p90_ms"],
         "samples_per_s": headline["samples_per_s"],
         "tokens_per_s": headline["tokens_per_s"],
-        "flops_fraction": headline["flops_fraction"],
+        "roofline_share": headline["roofline_share"],
         "peak_rss_mb": headline["peak_rss_mb"],
         "cold_start_train_s": figures["cold_train"]["seconds"],
         "cold_start_predict_s": figures["cold_predict"]["seconds"],
@@ -60,11 +75,10 @@ def summarize(
     config: BenchConfig, raw: dict[str, Any], machine: dict[str, Any], command: str, seconds: float,
     descriptions: dict[str, str],
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-system headline figures at `config.headline`, the grid with FLOP fractions, and ratios to PyTorch."""
-    peak = raw["matmul_flops_per_s"]
+    """Per-system headline figures at `config.headline`, the grid with roofline shares, and ratios to PyTorch."""
     systems = {}
     for name in raw["systems"]:
-        systems[name] = {"description": descriptions[name], **_system_summary(config, raw, name, peak)}
+        systems[name] = {"description": descriptions[name], **_system_summary(config, raw, name)}
     ratios: dict[str, dict[str, float]] = {}
     if PYTORCH in systems:
         reference = systems[PYTORCH]
@@ -75,7 +89,7 @@ def summarize(
                 point["x_pytorch"] = point["median_ms"] / ref["median_ms"]
     config_dict = dataclasses.asdict(config)
     return {
-        "machine": {**machine, "matmul_flops_per_s": peak, "threads": config.threads},
+        "machine": {**machine, "peaks": raw["peaks"], "threads": config.threads},
         "command": command,
         "seconds": seconds,
         "config": config_dict,
@@ -104,6 +118,30 @@ def _x(ratios: dict[str, dict[str, float]], system: str, key: str) -> str:
     return f"{ratios[system][key]:.2f}" if system in ratios else "-"
 
 
+def _rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in rates.items())
+
+
+def peak_lines(peaks: dict[str, Any]) -> list[str]:
+    """The roofline's two peaks, what each was the best of, and the BLAS kernel numpy ran."""
+    platform = ", ".join(f"{k}={v}" for k, v in peaks["unset_for_peaks"].items())
+    blas = "; ".join(
+        f"{b.get('internal_api')} {b.get('version')}, kernel {b.get('architecture', '?')}, {b.get('num_threads')} "
+        f"threads ({b.get('threading_layer', '?')})"
+        for b in peaks["blas"]
+    )  # fmt: skip
+    return [
+        (
+            f"- matmul peaks ({peaks['size']}x{peaks['size']}, best of 3 rounds, {peaks['threads']} threads, each "
+            "library in its own process with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset"
+            + (f"; the bench's environment had {platform}" if platform else "")
+            + f"): fp32 {peaks['fp32_flops_per_s'] / 1e9:.0f} GFLOP/s (the best of {_rates(peaks['fp32'])}), "
+            f"int8 {peaks['int8_ops_per_s'] / 1e9:.0f} GOP/s (ONNX Runtime: {_rates(peaks['int8'])})"
+        ),
+        f"- numpy's BLAS in the peak process (threadpoolctl): {blas or 'none found'}",
+    ]
+
+
 def markdown(results: dict[str, Any], chart: str | None = None) -> str:
     """The results as markdown: machine, headline table, grid table, accuracy per seed, how it was measured."""
     m, cfg, w = results["machine"], results["config"], results["workload"]
@@ -116,14 +154,14 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
         "# edgepeft benchmark",
         "",
         (
-            f"- machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['cores']} cores, "
-            f"{m['memory_gb']} GB, {m['os']}; {m['threads']} threads for ONNX Runtime and torch"
+            f"- machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'none of the listed SIMD features'}), "
+            f"{m['cores']} cores, {m['memory_gb']} GB, {m['os']}; {m['threads']} threads for ONNX Runtime and torch"
         ),
         f"- software: Python {m['python']}, {versions}",
         f"- date: {m['date']} (start); the whole run took {results['seconds'] / 60:.1f} min",
         f"- command: `{results['command']}`",
         f"- edgepeft code: commit {code['commit'] or 'unknown'}" + (" with local changes" if code["modified"] else ""),
-        f"- matmul peak: {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (numpy float32 2048x2048, best round)",
+        *peak_lines(m["peaks"]),
         (
             f"- model: {w['model']}, LoRA r={w['lora']['r']} alpha={w['lora']['alpha']:g} "
             f"dropout={w['lora']['dropout']:g} on {', '.join(w['lora']['target_modules'])} + the "
@@ -136,7 +174,7 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
         (
             "| system | ms/step (median) | x PyTorch | p90 ms | samples/s | peak RSS (MB) | x PyTorch "
             "| cold start to 1st step (s) | cold start to 1st prediction (s) | 1-sample latency (ms) | x PyTorch "
-            "| % of matmul peak |"
+            "| % of roofline |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -145,7 +183,7 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
             f"| {name} | {s['step_ms']:.0f} | {_x(ratios, name, 'step_ms')} | {s['step_p90_ms']:.0f} "
             f"| {s['samples_per_s']:.1f} | {s['peak_rss_mb']:.0f} | {_x(ratios, name, 'peak_rss_mb')} "
             f"| {s['cold_start_train_s']:.2f} | {s['cold_start_predict_s']:.2f} | {s['latency_ms']:.1f} "
-            f"| {_x(ratios, name, 'latency_ms')} | {100 * s['flops_fraction']:.0f}% |"
+            f"| {_x(ratios, name, 'latency_ms')} | {100 * s['roofline_share']:.0f}% |"
         )
     lines += [
         "",
@@ -170,9 +208,9 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
         "",
         (
             "| batch x seq | system | median ms | p90 ms | x PyTorch | samples/s | tokens/s | peak RSS (MB) "
-            "| GFLOP/step | % of matmul peak |"
+            "| GFLOP/step (int8) | roofline ms | % of roofline |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, point in enumerate(next(iter(systems.values()))["speed"]):
         for name, s in systems.items():
@@ -181,7 +219,8 @@ def markdown(results: dict[str, Any], chart: str | None = None) -> str:
             lines.append(
                 f"| {point['batch']} x {point['seq']} | {name} | {p['median_ms']:.1f} | {p['p90_ms']:.1f} | {x} "
                 f"| {p['samples_per_s']:.1f} | {p['tokens_per_s']:.0f} | {p['peak_rss_mb']:.0f} "
-                f"| {p['gflop_per_step']:.2f} | {100 * p['flops_fraction']:.0f}% |"
+                f"| {p['gflop_per_step']:.2f} ({p['int8_gflop_per_step']:.2f}) | {p['roofline_ms']:.1f} "
+                f"| {100 * p['roofline_share']:.0f}% |"
             )
     lines += [
         "",
@@ -223,10 +262,18 @@ METHOD = """## How it is measured
   exporter's seed), see the same batches in the same order (the runtime's seeded shuffle, replayed for
   PyTorch), and use the same tokenizer, hyperparameters and AdamW settings (read from the bundle's
   optimizer model); the seed changes the batch order.
-- FLOPs count matrix multiplies only: the forward (projections, FFN, attention, LoRA, pooler, head) plus
-  the backward a LoRA step needs (input gradients at and above the lowest trainable layer, LoRA and head
-  weight gradients); see `edgepeft/bench/flops.py`. "% of matmul peak" is that count per measured step
-  over the machine's numpy float32 matmul rate.
+- FLOPs count the matrix multiplies each system executes: the forward (projections, FFN, attention, LoRA,
+  pooler, head) plus the backward a LoRA step needs (input gradients at and above the lowest trainable
+  layer, LoRA and head weight gradients); the ONNX Runtime bundles compute their last layer for the first
+  token only, so they execute ~14% fewer than PyTorch; see `edgepeft/bench/flops.py`. "(int8)" is the part
+  the int8 bundle runs in int8: its frozen weights' matmuls, forward and input gradients.
+- The roofline: the fp32 peak is the fastest of numpy's, torch's and ONNX Runtime's float32 matmul, the
+  int8 peak the fastest of ONNX Runtime's int8 kernels (`MatMulInteger` u8 x s8, `DynamicQuantizeMatMul`),
+  each measured on 2048x2048 matrices with the bench's threads, in its own process without
+  OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (which pin numpy's OpenBLAS to an older kernel). A step's
+  roofline time is its int8 FLOPs at the int8 peak plus its other FLOPs at the fp32 peak (all of them,
+  for ort-fp32 and PyTorch); "% of roofline" is that time over the measured median step. It cannot pass
+  100% unless a kernel beats the peak of its precision: each peak is the best any of the libraries does.
 """
 
 

@@ -36,20 +36,27 @@ def _disk_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def spawn(job: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 7200) -> dict[str, Any]:
-    """Run one measurement in a fresh `python -m edgepeft.bench.worker` process; return its JSON figures."""
+def spawn(
+    job: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 7200, unset: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run one measurement in a fresh `python -m edgepeft.bench.worker` process; return its JSON figures.
+
+    `env` is added to this process's environment for it, and the variables named in `unset` are removed.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    env = {name: value for name, value in env.items() if name not in unset}
+    who = job.get("system") or job.get("library", "")
     job = {**job, "spawned": time.time()}
     try:
         run = subprocess.run([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
                              capture_output=True, text=True, env=env, timeout=timeout, check=False)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise EdgePeftError(
-            f"benchmark worker {job.get('system', '')} {job['task']} ran over {timeout:.0f} s"
+            f"benchmark worker {who} {job['task']} ran over {timeout:.0f} s"
         ) from None
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise EdgePeftError(f"benchmark worker {job.get('system', '')} {job['task']} failed: {last}")
+        raise EdgePeftError(f"benchmark worker {who} {job['task']} failed: {last}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if QUANTIZATION.get(job.get("system")) is not None and result["torch_loaded"]:
         raise EdgePeftError(f"the {job['system']} worker loaded torch: its figures would not be a device's")
@@ -125,8 +132,21 @@ def _model_description() -> tuple[dict[str, int], dict[str, Any]]:
     return dataclasses.asdict(BertDims.from_config(minilm_path())), lora
 
 
+def measure_peaks(config: BenchConfig, run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The fp32 and int8 matmul peaks: one process per library, each without the OpenBLAS variables."""
+    from edgepeft.bench.peak import LIBRARIES
+    from edgepeft.bench.roofline import OPENBLAS_VARIABLES, PEAK_SIZE, combine_peaks
+
+    measured = []
+    for library in LIBRARIES:
+        job = {"task": "peak", "library": library, "size": PEAK_SIZE, "seconds": config.matmul_seconds,
+               "threads": config.threads}  # fmt: skip
+        measured.append(run(f"matmul peak, {library}", job, unset=OPENBLAS_VARIABLES))
+    return combine_peaks(measured, PEAK_SIZE, config.threads)
+
+
 def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path | None = None) -> dict[str, Any]:
-    """Every measurement of the run, raw: {system: {task: figures}} plus the machine's matmul FLOP/s.
+    """Every measurement of the run, raw: {system: {task: figures}} plus the machine's matmul peaks.
 
     With `partial`, the figures so far are written there after every measurement (for a run that dies).
     """
@@ -137,17 +157,15 @@ def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path |
     base = _jobs_base(config, bundles, labels)
     raw: dict[str, Any] = {"systems": {s: {"speed": [], "accuracy": {}} for s in config.systems}}
 
-    def run(label: str, job: dict[str, Any]) -> dict[str, Any]:
+    def run(label: str, job: dict[str, Any], unset: tuple[str, ...] = ()) -> dict[str, Any]:
         if partial is not None:  # everything measured so far, before the next measurement starts
             partial.write_text(json.dumps({**raw, "next": label}, indent=2) + "\n")
         started = time.perf_counter()
-        result = spawn(job, config.torch_env if job.get("system") == PYTORCH else None)
+        result = spawn(job, config.torch_env if job.get("system") == PYTORCH else None, unset=unset)
         progress(f"{label}: {time.perf_counter() - started:.1f} s")
         return result
 
-    raw["matmul_flops_per_s"] = run("matmul FLOP/s", {"task": "matmul", "seconds": config.matmul_seconds})[
-        "flops_per_s"
-    ]
+    raw["peaks"] = measure_peaks(config, run)
     rounds: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in range(config.rounds):
         shift = r % len(config.systems)  # who goes first rotates: a noisy minute does not land on one system

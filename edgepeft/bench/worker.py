@@ -1,8 +1,9 @@
 """One measurement in a fresh process: `python -m edgepeft.bench.worker JOB_JSON` prints one JSON line.
 
-A job names a `task` (speed, cold_train, cold_predict, latency, accuracy, matmul) and, for all but matmul,
-a `system`. Every process but PyTorch's blocks torch (`sys.modules["torch"] = None`) before it imports
-anything that could load it, as a device would have none; peak memory is this process's own VmHWM.
+A job names a `task` (speed, cold_train, cold_predict, latency, accuracy, peak) and, for all but peak,
+a `system`; a peak job names a `library` (`edgepeft.bench.peak.LIBRARIES`). Every process but PyTorch's
+and torch's peak blocks torch (`sys.modules["torch"] = None`) before it imports anything that could load
+it, as a device would have none; peak memory is this process's own VmHWM.
 Cold starts are measured from `spawned`, the parent's `time.time()` just before it started this process.
 """
 
@@ -106,20 +107,21 @@ def _accuracy(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _matmul(job: dict[str, Any]) -> dict[str, Any]:
-    from edgepeft.bench.flops import measure_matmul_flops
+def _peak(job: dict[str, Any]) -> dict[str, Any]:
+    """One library's sustained matmul rates (`edgepeft.bench.peak`)."""
+    from edgepeft.bench.peak import LIBRARIES
 
-    return {"flops_per_s": measure_matmul_flops(job["seconds"])}
+    return LIBRARIES[job["library"]](job["size"], job["seconds"], job["threads"])
 
 
 TASKS = {"speed": _speed, "cold_train": _cold_train, "cold_predict": _cold_predict, "latency": _latency,
-         "accuracy": _accuracy, "matmul": _matmul}  # fmt: skip
+         "accuracy": _accuracy, "peak": _peak}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the job given as JSON in the first argument; print its figures as one JSON line."""
     job = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    if QUANTIZATION.get(job.get("system")) is not None or job["task"] == "matmul":
+    if QUANTIZATION.get(job.get("system")) is not None or (job["task"] == "peak" and job["library"] != "torch"):
         sys.modules["torch"] = None  # type: ignore[assignment]  # a device has no torch: fail loudly if imported
     result = TASKS[job["task"]](job)
     from edgepeft.runtime.memory import peak_rss_mb
