@@ -290,5 +290,5 @@ def _preprocessing(data: object) -> ImagePreprocessing | None:
     if not isinstance(data, dict):
         raise BundleError("manifest preprocessing is not an object")
     if data.get("kind") != "image":
-        raise BundleError(f"manifest preprocessing kind {data.get('kind')!r} is not known (this edgepeft knows 'image')")
+        raise BundleError(f"manifest preprocessing kind {data.get('kind')!r} is not known (this edgepeft: 'image')")
     return ImagePreprocessing(**data)

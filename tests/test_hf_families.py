@@ -14,7 +14,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from tiny_hf import IMAGE_FAMILIES, IMAGE_SIZE, TEXT_FAMILIES, TEXTS, WITH_TOKEN_TYPES, make_dir
+from tiny_hf import IMAGE_FAMILIES, IMAGE_SIZE, TEXT_FAMILIES, TEXTS, WITH_TOKEN_TYPES, config, make_dir
 
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, ExportError
@@ -32,8 +32,9 @@ INT8_RTOL = 0.08
 # models the attention output projections (std 0.02) damp what LoRA on query/value changes (MobileBERT most)
 TEXT_LORA_B_SCALE = 10.0
 TAKES_TOKEN_TYPES = {"bert", "albert", "electra", "mobilebert"}  # optimum's ONNX inputs for these
-MODEL_TYPES = {"xlm-roberta": "xlm-roberta", "deberta-v2": "deberta-v2"}
-CASES = [(f, w, "int8") for f in FAMILIES for w in ("fresh", "perturbed")] + [(f, "perturbed", "fp32") for f in FAMILIES]
+# (family, weights, quantization): int8 fresh and perturbed, fp32 perturbed
+CASES = [(f, w, "int8") for f in FAMILIES for w in ("fresh", "perturbed")]
+CASES += [(f, "perturbed", "fp32") for f in FAMILIES]
 
 
 def _features(session: TrainingSession) -> dict[str, np.ndarray]:
@@ -74,7 +75,7 @@ def test_family_exports_trains_and_round_trips_through_peft(family, weights, qua
     options = ExportOptions(labels=LABELS, quantization=quantization, max_length=16)
     manifest = export(directory, bundle, options=options)  # no LoRA spec: the family's default targets
 
-    targets = default_targets(MODEL_TYPES.get(family, family.replace("-", "_")))
+    targets = default_targets(config(family).model_type)
     assert manifest.peft_config["target_modules"] in (targets, sorted(targets)), manifest.peft_config
     if family in IMAGE_FAMILIES:
         assert [(s.name, s.shape) for s in manifest.inputs] == [("pixel_values", ("batch_size", 3, 32, 32))]
@@ -102,10 +103,10 @@ def test_family_exports_trains_and_round_trips_through_peft(family, weights, qua
 
     # a host PEFT adapter (non-zero LoRA, another head) in the bundle
     torch.manual_seed(1)
-    config = peft.LoraConfig.from_pretrained(str(bundle))  # the bundle's r, alpha, targets and head
-    config.init_lora_weights = False
-    config.inference_mode = False
-    host = peft.get_peft_model(_host_base(directory, family), config)
+    lora_config = peft.LoraConfig.from_pretrained(str(bundle))  # the bundle's r, alpha, targets and head
+    lora_config.init_lora_weights = False
+    lora_config.inference_mode = False
+    host = peft.get_peft_model(_host_base(directory, family), lora_config)
     with torch.no_grad():  # a head that reads the features sharply, so that LoRA's change of them shows
         for name, parameter in host.named_parameters():
             if ".modules_to_save." in name:
@@ -206,21 +207,22 @@ def test_a_text_manifest_stays_version_1(tmp_path):
     assert mf.Manifest.from_dict(data).preprocessing is None
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda d: d.update(schema_version=1), "version 1 has no `preprocessing`"),
-        (lambda d: d.update(schema_version=3), "schema version 3 is not supported"),
-        (lambda d: d["preprocessing"].update(kind="audio"), "kind 'audio' is not known"),
-        (lambda d: d["preprocessing"].update(size=[16, 16]), "makes 'pixel_values' of shape"),
-        (lambda d: d["preprocessing"].update(mean=[0.5]), "mean"),
-        (lambda d: d["preprocessing"].update(std=[0.5, 0.0, 0.5]), "std must not be zero"),
-        (lambda d: d["preprocessing"].update(resize={"shortest": 3}), "resize"),
-        (lambda d: d["preprocessing"].update(resample="magic"), "resample"),
-        (lambda d: d["preprocessing"].pop("size"), "malformed"),
-    ],
-)
-def test_a_malformed_preprocessing_field_is_refused_by_name(tmp_path, change, message):
+MALFORMED = {
+    "version-1": (lambda d: d.update(schema_version=1), "version 1 has no `preprocessing`"),
+    "version-3": (lambda d: d.update(schema_version=3), "schema version 3 is not supported"),
+    "kind": (lambda d: d["preprocessing"].update(kind="audio"), "kind 'audio' is not known"),
+    "size": (lambda d: d["preprocessing"].update(size=[16, 16]), "makes 'pixel_values' of shape"),
+    "mean": (lambda d: d["preprocessing"].update(mean=[0.5]), "mean"),
+    "std": (lambda d: d["preprocessing"].update(std=[0.5, 0.0, 0.5]), "std must not be zero"),
+    "resize": (lambda d: d["preprocessing"].update(resize={"shortest": 3}), "resize"),
+    "resample": (lambda d: d["preprocessing"].update(resample="magic"), "resample"),
+    "missing": (lambda d: d["preprocessing"].pop("size"), "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_preprocessing_field_is_refused_by_name(tmp_path, case):
+    change, message = MALFORMED[case]
     data = _manifest_dict(tmp_path, "vit")
     change(data)
     with pytest.raises(BundleError, match=message):

@@ -35,10 +35,10 @@ from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.export.transformers_models import (
     BERT_LIKE_TARGETS,
     IMAGE,
+    IMAGE_HEAD,
     ModelKind,
     default_targets,
     fix_image_input_,
-    image_head,
     model_inputs,
     model_kind,
     onnx_input_names,
@@ -245,9 +245,8 @@ def _load_transformers(
         lora = dataclasses.replace(lora, target_modules=default_targets(kind.model_type))
         logger.info("LoRA on %s (the default for %s)", lora.target_modules, kind.model_type or "this model")
     if kind.modality == IMAGE:
-        head = image_head(kind.model_type)
-        if head not in lora.modules_to_save:  # PEFT has no image task type that would add it
-            lora = dataclasses.replace(lora, modules_to_save=(*lora.modules_to_save, head))
+        if IMAGE_HEAD not in lora.modules_to_save:  # PEFT has no image task type that would add it
+            lora = dataclasses.replace(lora, modules_to_save=(*lora.modules_to_save, IMAGE_HEAD))
         adapted = add_lora(model, lora)
         example = {kind.preprocessing.input: torch.randn(2, *kind.preprocessing.shape)}
         return adapted, labels, example, kind

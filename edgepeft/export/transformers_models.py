@@ -20,19 +20,18 @@ logger = logging.getLogger(__name__)
 
 TEXT, IMAGE = "text", "image"
 TASKS = {TEXT: "text-classification", IMAGE: "image-classification"}  # optimum's task names
-# LoRA targets when the caller names none, by model_type (a tuple: module names; a string: one regex)
+# LoRA targets when the caller names none, by model_type (a tuple: module names; a string: one regex).
+# Each entry is proven by tests/test_hf_families.py; add a family here together with its test there.
 DEFAULT_TARGETS: dict[str, tuple[str, ...] | str] = {
     "distilbert": ("q_lin", "v_lin"),
     "deberta-v2": ("query_proj", "value_proj"),
-    "deberta": ("in_proj",),
     "vit": ("query", "value"),
-    "resnet": r".*\.convolution",
-    "mobilenet_v2": r".*\.convolution",
+    "resnet": r".*\.convolution",  # every Conv2d (stem, blocks, shortcuts); its BatchNorms stay frozen
 }
 BERT_LIKE_TARGETS = ("query", "value")  # BERT, RoBERTa, XLM-R, ALBERT, ELECTRA, MobileBERT, MiniLM, ...
-# the new classification head of an image classifier, trained in full (PEFT's SEQ_CLS task adds the text heads)
-IMAGE_HEADS: dict[str, str] = {}
-DEFAULT_IMAGE_HEAD = "classifier"
+# the head of transformers' image classifiers (ViT, ResNet, ...), trained in full; for text, PEFT's SEQ_CLS
+# task adds the heads (`classifier`, `score`) itself
+IMAGE_HEAD = "classifier"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's codes
 
 
@@ -93,19 +92,15 @@ def default_targets(model_type: str) -> tuple[str, ...] | str:
     return DEFAULT_TARGETS.get(model_type, BERT_LIKE_TARGETS)
 
 
-def image_head(model_type: str) -> str:
-    return IMAGE_HEADS.get(model_type, DEFAULT_IMAGE_HEAD)
-
-
 def image_preprocessing(source: Path, config: dict) -> mf.ImagePreprocessing:
     """The image processor's steps as the manifest states them, from preprocessor_config.json."""
     from transformers import AutoImageProcessor
 
+    where = f"{source / 'preprocessor_config.json'}"
     try:
         processor = AutoImageProcessor.from_pretrained(source)
     except Exception as e:  # transformers raises many kinds on a bad processor config
-        raise ExportError(f"{source / 'preprocessor_config.json'} cannot be loaded as an image processor: {e}") from None
-    where = f"{source / 'preprocessor_config.json'}"
+        raise ExportError(f"{where} cannot be loaded as an image processor: {e}") from None
     size = dict(getattr(processor, "size", None) or {})
     resize: dict[str, int] = {}
     crop: tuple[int, int] | None = None
