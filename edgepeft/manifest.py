@@ -1,4 +1,23 @@
-"""The bundle manifest: what a bundle holds, written by the exporter and checked by the runtime."""
+"""The bundle manifest: what a bundle holds, written by the exporter and checked by the runtime.
+
+The manifest is the one contract between the exporter and every runtime. Schema versions:
+
+- 1: inputs are arrays, or texts through the bundle's `tokenizer.json` (`max_length` tokens at most).
+- 2: adds `preprocessing`, how raw inputs become the arrays the model takes; written only when a bundle has
+  it (a version-1 runtime refuses such a bundle rather than feed it unprocessed images). For an image model:
+
+      "preprocessing": {"kind": "image", "input": "pixel_values", "size": [224, 224], "channels": 3,
+                        "layout": "NCHW", "color": "RGB", "resize": {"shortest_edge": 256},
+                        "center_crop": [224, 224], "resample": "bilinear", "rescale": 0.00392156862745098,
+                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+  A runtime makes `input` (float32 [batch, channels, *size]) from an image in these steps: decode it to 8-bit
+  RGB (`color`); resize it with `resample` as `resize` says ({"height", "width"}: to exactly that size;
+  {"shortest_edge": e}: the short side to e, the aspect ratio kept; {}: not at all); crop the centre
+  `center_crop` ([height, width]) if not null; take the values as float, multiply by `rescale` if not null,
+  then per channel subtract `mean` and divide by `std` if not null; lay them out channels first (`layout`).
+  The result has shape [channels, *size].
+"""
 
 from __future__ import annotations
 
@@ -11,7 +30,8 @@ from typing import Any
 from edgepeft.errors import BundleError
 from edgepeft.fileio import read_json_object
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this code reads and writes
+SCHEMA_VERSIONS = (1, 2)  # every version this code reads
 MANIFEST_FILE = "manifest.json"
 
 # Files every bundle holds, by role.
@@ -63,6 +83,78 @@ class ParamSpec:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
 
+RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def _positive_ints(values: object, count: int) -> bool:
+    return (
+        isinstance(values, tuple)
+        and len(values) == count
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    )
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How an image becomes the model's `input` array (the steps are in this module's docstring)."""
+
+    input: str
+    size: tuple[int, int]  # [height, width] of the array the model takes
+    channels: int = 3
+    resize: dict[str, int] = field(default_factory=dict)  # {"height", "width"} | {"shortest_edge"} | {}
+    center_crop: tuple[int, int] | None = None
+    resample: str = "bilinear"
+    rescale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str = "NCHW"
+    color: str = "RGB"
+    kind: str = "image"
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> BundleError:
+            return BundleError(f"manifest preprocessing: {what}")
+
+        object.__setattr__(self, "size", tuple(self.size) if isinstance(self.size, (list, tuple)) else self.size)
+        if self.center_crop is not None and isinstance(self.center_crop, (list, tuple)):
+            object.__setattr__(self, "center_crop", tuple(self.center_crop))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        if self.kind != "image" or self.layout != "NCHW" or self.color != "RGB":
+            raise bad(f"kind/layout/color {self.kind!r}/{self.layout!r}/{self.color!r} is not image/NCHW/RGB")
+        if not isinstance(self.input, str) or not self.input:
+            raise bad("`input` must name the model input")
+        if not _positive_ints(self.size, 2) or not _positive_ints((self.channels,), 1):
+            raise bad(f"size {self.size!r} and channels {self.channels!r} must be positive integers")
+        if not isinstance(self.resize, dict) or set(self.resize) not in (set(), {"height", "width"}, {"shortest_edge"}):
+            raise bad(f"resize {self.resize!r} must be {{height, width}}, {{shortest_edge}} or {{}}")
+        if not _positive_ints(tuple(self.resize.values()), len(self.resize)):
+            raise bad(f"resize {self.resize!r} must hold positive integers")
+        if self.center_crop is not None and not _positive_ints(self.center_crop, 2):
+            raise bad(f"center_crop {self.center_crop!r} must be [height, width] or null")
+        if self.resample not in RESAMPLES:
+            raise bad(f"resample {self.resample!r} is not one of {RESAMPLES}")
+        if self.rescale is not None and (not isinstance(self.rescale, (int, float)) or not self.rescale > 0):
+            raise bad(f"rescale {self.rescale!r} must be a positive number or null")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, tuple)
+                or len(value) != self.channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
+                raise bad(f"{name} {value!r} must hold one number per channel ({self.channels}) or be null")
+        if self.std is not None and any(v == 0 for v in self.std):
+            raise bad("std must not be zero")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The array one image becomes: (channels, height, width)."""
+        return (self.channels, *self.size)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the device needs to know about a bundle, stored as `manifest.json`."""
@@ -82,13 +174,29 @@ class Manifest:
     base_names: tuple[str, ...] = ()  # what the base model is called (hub name, directory name), if known
     versions: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    preprocessing: ImagePreprocessing | None = None  # how raw inputs become `inputs` (schema version 2)
+    schema_version: int | None = None  # None: the lowest version that holds this manifest
 
     def __post_init__(self) -> None:
-        if self.schema_version != SCHEMA_VERSION:
+        needed = 2 if self.preprocessing is not None else 1
+        if self.schema_version is None:
+            object.__setattr__(self, "schema_version", needed)
+        if isinstance(self.schema_version, bool) or self.schema_version not in SCHEMA_VERSIONS:
             raise BundleError(
-                f"manifest schema version {self.schema_version} is not supported (expected {SCHEMA_VERSION})"
+                f"manifest schema version {self.schema_version} is not supported (this edgepeft reads "
+                f"{', '.join(map(str, SCHEMA_VERSIONS))}; a newer edgepeft may read it)"
             )
+        if self.schema_version < needed:
+            raise BundleError(f"manifest schema version {self.schema_version} has no `preprocessing` field")
+        if self.preprocessing is not None:
+            if not isinstance(self.preprocessing, ImagePreprocessing):
+                raise BundleError("manifest preprocessing is malformed")
+            spec = next((s for s in self.inputs if s.name == self.preprocessing.input), None)
+            if spec is None or spec.dtype != "float32" or tuple(spec.shape[1:]) != self.preprocessing.shape:
+                raise BundleError(
+                    f"manifest preprocessing makes {self.preprocessing.input!r} of shape "
+                    f"{list(self.preprocessing.shape)}, the model input is {spec}"
+                )
         for name, value, allowed in (
             ("loss", self.loss, LOSSES),
             ("optimizer", self.optimizer, OPTIMIZERS),
@@ -132,7 +240,10 @@ class Manifest:
         return self.loss == "cross_entropy"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if data["preprocessing"] is None:  # a version-1 manifest, as version-1 runtimes wrote and read it
+            del data["preprocessing"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_FILE
@@ -158,6 +269,7 @@ class Manifest:
                 base_names=tuple(data.get("base_names", ())),
                 versions=dict(data.get("versions", {})),
                 stats=dict(data.get("stats", {})),
+                preprocessing=_preprocessing(data.get("preprocessing")),
                 schema_version=data.get("schema_version", -1),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
@@ -170,3 +282,13 @@ class Manifest:
         if not path.is_file():
             raise BundleError(f"{directory} is not a bundle: {MANIFEST_FILE} is missing")
         return cls.from_dict(read_json_object(path, BundleError, "manifest"))
+
+
+def _preprocessing(data: object) -> ImagePreprocessing | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise BundleError("manifest preprocessing is not an object")
+    if data.get("kind") != "image":
+        raise BundleError(f"manifest preprocessing kind {data.get('kind')!r} is not known (this edgepeft: 'image')")
+    return ImagePreprocessing(**data)

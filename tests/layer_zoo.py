@@ -289,6 +289,11 @@ ZOO: dict[str, Entry] = {
     "rmsnorm": Entry(lambda: (Stacked(nn.RMSNorm(WIDTH)), _vec()), ("stem",)),
     "batchnorm1d": Entry(lambda: (_bn_stats(Stacked(nn.BatchNorm1d(WIDTH))), _vec()), ("stem",)),
     "batchnorm2d": Entry(_conv(nn.BatchNorm2d(8)), ("stem",)),
+    "batchnorm2d_fresh": Entry(
+        lambda: (ConvStacked(nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8))), _image()),
+        ("stem",),
+        note="two BatchNorms at their fresh init: equal statistics, each still frozen",
+    ),
     "multihead_attention": Entry(
         lambda: (AttentionNet(), _seq()), ("stem", "attn"), note="PEFT's LoRA on nn.MultiheadAttention (in+out proj)"
     ),

@@ -103,6 +103,7 @@ def _jobs_base(config: BenchConfig, bundles: dict[str, Path], labels: tuple[str,
     from edgepeft.bench.optimizer import bundle_adamw
     from edgepeft.demo import minilm_path
     from edgepeft.export import ExportOptions, LoraSpec
+    from edgepeft.export.transformers_models import BERT_LIKE_TARGETS
 
     common = {"threads": config.threads, "classes": len(labels), "input_seed": config.input_seed,
               "learning_rate": config.learning_rate}  # fmt: skip
@@ -110,7 +111,7 @@ def _jobs_base(config: BenchConfig, bundles: dict[str, Path], labels: tuple[str,
     for system in config.systems:
         if system == PYTORCH:
             lora = dataclasses.asdict(LoraSpec())
-            lora["target_modules"] = list(lora["target_modules"])
+            lora["target_modules"] = list(lora["target_modules"] or BERT_LIKE_TARGETS)  # MiniLM's default
             torch_args = {"labels": list(labels), "lora": lora, "adamw": bundle_adamw(bundles[EDGEPEFT]),
                           "init_seed": ExportOptions().seed, "max_length": config.max_length}  # fmt: skip
             base[system] = {**common, "system": system, "model": str(minilm_path()), "torch": torch_args}

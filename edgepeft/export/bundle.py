@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +32,17 @@ from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
+from edgepeft.export.transformers_models import (
+    BERT_LIKE_TARGETS,
+    IMAGE,
+    IMAGE_HEAD,
+    ModelKind,
+    default_targets,
+    fix_image_input_,
+    model_inputs,
+    model_kind,
+    onnx_input_names,
+)
 from edgepeft.fileio import DirKind, atomic_directory, sha256_file
 from edgepeft.runtime.adapter import portable_base_name
 from edgepeft.runtime.memory import PROFILE_KEY, fit_profile
@@ -118,6 +130,7 @@ def export(
             peft_config=traced.adapted.peft_config,
             labels=traced.labels,
             base_names=traced.base_names,
+            preprocessing=traced.preprocessing,
             max_length=options.max_length if (out / mf.TOKENIZER).exists() else None,
             versions=_versions(),
             stats={
@@ -142,6 +155,7 @@ class _Traced:
     example_output: torch.Tensor
     labels: tuple[str, ...]
     base_names: tuple[str, ...]  # what the base model is called: its hub name, its directory's name
+    preprocessing: mf.ImagePreprocessing | None = None  # how an image becomes the model's input
 
 
 def _trace(
@@ -156,6 +170,8 @@ def _trace(
     if isinstance(model, nn.Module):
         if not example_inputs:
             raise ExportError("a torch module needs `example_inputs`: a dict of input name -> example tensor")
+        if lora.target_modules is None:
+            lora = dataclasses.replace(lora, target_modules=BERT_LIKE_TARGETS)
         adapted = add_lora(copy.deepcopy(model), lora)  # the caller's model keeps its parameters and mode
         graph = export_module(
             adapted.module, dict(example_inputs), work / "forward.onnx", list(adapted.adapter_keys), options.opset
@@ -164,13 +180,17 @@ def _trace(
             output = adapted.module(*example_inputs.values())
         labels = options.labels
         base_names = (options.base_name,) if options.base_name else ()
+        preprocessing = None
     else:
-        adapted, labels, example_inputs = _load_transformers(Path(model), lora, options, out)
+        adapted, labels, example_inputs, kind = _load_transformers(Path(model), lora, options, out)
         base_names = _base_names(Path(model), options.base_name)
+        preprocessing = kind.preprocessing
         with first_token_last_layer(adapted.module):  # exact: the classifier reads the first token only
             graph = export_transformers(
-                adapted.module, "text-classification", work / "forward.onnx", list(adapted.adapter_keys), options.opset
+                adapted.module, kind.task, work / "forward.onnx", list(adapted.adapter_keys), options.opset
             )
+        if preprocessing is not None:
+            fix_image_input_(graph, preprocessing)
         with torch.no_grad():
             output = adapted.module(**example_inputs).logits
     if not isinstance(output, torch.Tensor):
@@ -178,7 +198,7 @@ def _trace(
     # PEFT writes these in adapters it saves: a portable name of the base (never a path into this machine)
     adapted.peft_config["base_model_name_or_path"] = base_names[0] if base_names else None
     adapted.peft_config["inference_mode"] = True
-    return _Traced(adapted, graph, output, labels, base_names)
+    return _Traced(adapted, graph, output, labels, base_names, preprocessing)
 
 
 def _base_names(source: Path, given: str | None) -> tuple[str, ...]:
@@ -194,27 +214,53 @@ def _base_names(source: Path, given: str | None) -> tuple[str, ...]:
 
 def _load_transformers(
     source: Path, lora: LoraSpec, options: ExportOptions, out: Path
-) -> tuple[Adapted, tuple[str, ...], dict[str, torch.Tensor]]:
-    """Load a transformers classifier offline, add LoRA, and save its tokenizer into the bundle."""
+) -> tuple[Adapted, tuple[str, ...], dict[str, torch.Tensor], ModelKind]:
+    """Load a transformers text or image classifier offline, add LoRA, save its tokenizer into the bundle.
+
+    Returns the adapted model, its labels, example inputs (exactly the inputs the model takes) and its kind.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     if not (source / "config.json").is_file():
         raise ExportError(f"{source} is not a transformers model directory (no config.json)")
     if not options.labels:
         raise ExportError("a transformers classifier needs `labels`: the class names, in order")
     labels = options.labels
+    kind = model_kind(source)
+    auto = AutoModelForImageClassification if kind.modality == IMAGE else AutoModelForSequenceClassification
     with _transformers_warnings_silenced():  # "newly initialized ... TRAIN this model": the new head, by design
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = auto.from_pretrained(
             source,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a head for other classes (ImageNet's 1000) is replaced by a new one
             output_loading_info=True,
         )
-    if loading.get("missing_keys"):
-        logger.info("new head %s initialised (seed %d): it trains on the device",
-                    sorted(loading["missing_keys"]), options.seed)  # fmt: skip
+    new = sorted([*loading.get("missing_keys", ()), *(m[0] for m in loading.get("mismatched_keys", ()))])
+    if new:
+        logger.info("new head %s initialised (seed %d): it trains on the device", new, options.seed)
+    if lora.target_modules is None:
+        lora = dataclasses.replace(lora, target_modules=default_targets(kind.model_type))
+        logger.info("LoRA on %s (the default for %s)", lora.target_modules, kind.model_type or "this model")
+    if kind.modality == IMAGE:
+        if IMAGE_HEAD not in lora.modules_to_save:  # PEFT has no image task type that would add it
+            lora = dataclasses.replace(lora, modules_to_save=(*lora.modules_to_save, IMAGE_HEAD))
+        adapted = add_lora(model, lora)
+        example = {kind.preprocessing.input: torch.randn(2, *kind.preprocessing.shape)}
+        return adapted, labels, example, kind
+    tokenizer = _save_tokenizer(source, options, out)
+    adapted = add_lora(model, lora, task_type="SEQ_CLS")
+    encoded = dict(tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt"))
+    example = model_inputs(adapted.module, onnx_input_names(adapted.module, kind.task), encoded)
+    return adapted, labels, example, kind
+
+
+def _save_tokenizer(source: Path, options: ExportOptions, out: Path):
+    """The directory's fast tokenizer, written into the bundle truncating at `max_length` and padding."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
@@ -222,9 +268,7 @@ def _load_transformers(
     backend.enable_truncation(max_length=options.max_length)
     backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=None)
     backend.save(str(out / mf.TOKENIZER))
-    adapted = add_lora(model, lora, task_type="SEQ_CLS")
-    example = tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt")
-    return adapted, labels, dict(example)
+    return tokenizer
 
 
 def _profile_memory(bundle: Path) -> dict[str, float]:

@@ -77,6 +77,8 @@ def _export(module: nn.Module, run_export, path: Path, trainable: list[str]) -> 
             warnings.simplefilter("ignore")
             run_export()
     model = onnx.load(str(path))
+    _undo_initializer_dedup(model, set(module.state_dict(keep_vars=True)))
+    _split_shared_norm_params(model, set(trainable))
     _write_back(model, true_values)
     _freeze_batchnorm(model, set(trainable))
     _add_layernorm_stat_outputs(model)
@@ -128,6 +130,80 @@ def _lora_dropout_kept(module: nn.Module) -> Iterator[None]:
     finally:
         for dropouts, key, drop in swapped:
             dropouts[key] = drop
+
+
+def _copy_initializer(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
+
+
+def _undo_initializer_dedup(model: onnx.ModelProto, names: set[str]) -> int:
+    """Give each parameter and buffer its own initializer again; returns how many were restored.
+
+    In an eval-mode trace torch's exporter turns an initializer equal in value to an earlier one into
+    `Identity(earlier)` (every fresh LayerNorm weight is all ones). ORT then merges those Identity nodes into
+    one tensor: two LayerNorm gradients write the same `<scale>_grad` ("Duplicate definition of name"), and
+    `_freeze_batchnorm` finds no initializer behind a BatchNorm's statistics.
+    """
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    nodes, restored = [], 0
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.input else ""
+        target = node.output[0] if node.output else ""
+        if source in initializers and target in names and target not in initializers:
+            initializers[target] = _copy_initializer(initializers[source], target)
+            graph.initializer.append(initializers[target])
+            restored += 1
+        else:
+            nodes.append(node)
+    if restored:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        logger.debug("%d deduplicated initializers restored", restored)
+    return restored
+
+
+# ORT's gradient of these writes `<input>_grad` for its parameter inputs (indices), whoever else reads them.
+_NORM_PARAM_INPUTS = {"LayerNormalization": (1, 2)}
+
+
+def _split_shared_norm_params(model: onnx.ModelProto, trainable: set[str]) -> int:
+    """Give every extra use of a frozen normalisation parameter its own copy; returns how many were made.
+
+    A module applied several times (ALBERT's shared layers) feeds the same scale and bias to several
+    LayerNormalization nodes, and ORT's LayerNormalizationGrad writes `<scale>_grad` once per node even when
+    the scale is frozen ("Duplicate definition of name"). A trainable parameter is never copied (it must
+    train as one tensor): its extra uses read it through a chain of Identity nodes, whose gradients add up.
+    """
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    extra: list[onnx.NodeProto] = []
+    copies = 0
+    for node in graph.node:
+        for index in _NORM_PARAM_INPUTS.get(node.op_type, ()):
+            name = node.input[index] if index < len(node.input) else ""
+            if name not in initializers:
+                continue
+            count = uses[name] = uses.get(name, 0) + 1
+            if count == 1:
+                continue
+            copy_name = f"{name}/use{count - 1}"
+            if name in trainable:  # a chain of Identity nodes: ORT's CSE cannot merge them, gradients add up
+                previous = name if count == 2 else f"{name}/use{count - 2}"
+                extra.append(onnx.helper.make_node("Identity", [previous], [copy_name], name=f"{copy_name}/Identity"))
+            else:
+                graph.initializer.append(_copy_initializer(initializers[name], copy_name))
+            node.input[index] = copy_name
+            copies += 1
+    if extra:
+        nodes = extra + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return copies
 
 
 def _write_back(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> None:

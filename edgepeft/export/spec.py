@@ -15,13 +15,15 @@ class LoraSpec:
     """Which parts of the model train: LoRA matrices, biases, and whole extra modules.
 
     `target_modules` is a list of module names (matched on the name's last parts, as PEFT does) or one
-    regular expression matched against the full module name.
+    regular expression matched against the full module name; None (the default) is the model's own default:
+    for a transformers directory by its model_type (`edgepeft.export.transformers_models.DEFAULT_TARGETS`),
+    else ("query", "value").
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ("query", "value")
+    target_modules: tuple[str, ...] | str | None = None
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
 
@@ -34,7 +36,9 @@ class LoraSpec:
             raise ExportError(f"LoRA `dropout` must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ExportError(f"`bias` must be one of {BIAS_MODES}, got {self.bias!r}")
-        if not isinstance(self.target_modules, str):
+        if self.target_modules is None:
+            pass
+        elif not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
                 raise ExportError("`target_modules` is empty: name at least one module to adapt")
