@@ -42,6 +42,7 @@ from edgepeft.cli.common import comma_list, directory_size, human_size
 @click.option("--profile-memory", is_flag=True, help="Measure peak memory at a few sizes, for --memory-budget.")
 @click.option("--base-name", help="The base model's hub name, written into adapters [default: from config.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory (never anything else).")
+@click.option("--head-on", help="For an ONNX model: the graph value (e.g. its output) a new head reads.")
 def export(
     model: str,
     out: str,
@@ -60,12 +61,13 @@ def export(
     profile_memory: bool,
     base_name: str | None,
     overwrite: bool,
+    head_on: str | None,
 ) -> None:
     """Compile MODEL into a training bundle.
 
     MODEL is a Hugging Face transformers model directory (loaded offline), or `package.module:function`
     naming a function that returns `(torch_module, example_inputs_dict)`; the module is looked up in the
-    current directory first, then on PYTHONPATH.
+    current directory first, then on PYTHONPATH; or an ONNX model file (`model.onnx`, with --head-on).
     """
     from edgepeft.export import ExportOptions, LoraSpec, load_factory
     from edgepeft.export import export as export_bundle
@@ -75,10 +77,10 @@ def export(
                     modules_to_save=modules_to_save)  # fmt: skip
     options = ExportOptions(
         loss=loss, optimizer=optimizer, quantization=quantization, max_length=max_length, labels=comma_list(labels),
-        profile_memory=profile_memory, base_name=base_name,
+        profile_memory=profile_memory, base_name=base_name, head_on=head_on,
     )  # fmt: skip
     example_inputs = None
-    if not Path(model).is_dir():
+    if not Path(model).is_dir() and not model.lower().endswith(".onnx"):
         model, example_inputs = load_factory(model)
     click.echo(f"exporting to {out} ...", err=True)
     manifest = export_bundle(model, out, example_inputs=example_inputs, lora=spec, options=options, overwrite=overwrite)

@@ -83,6 +83,15 @@ def export(
         OutputError (a FileExistsError): `output_dir` holds a bundle and `overwrite` is False, or it is a file
             or a non-empty directory that is not a bundle (never replaced, even with `overwrite`).
     """
+    from edgepeft.export.onnx_source import export_onnx, is_onnx_source
+
+    # an ONNX model (a .onnx file or an onnx.ModelProto) with no torch source, `options.head_on` naming where
+    # a new head goes: compiled by onnx_source.py
+    if is_onnx_source(model):
+        return export_onnx(model, output_dir, lora=lora, options=options, loss_fn=loss_fn,
+                           example_labels=example_labels, overwrite=overwrite)  # fmt: skip
+    if options.head_on is not None:
+        raise ExportError(f"`head_on` ({options.head_on!r}) is for ONNX models; a torch model has its own head")
     if (options.loss == "custom") != (loss_fn is not None):
         raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
     loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()

@@ -8,6 +8,7 @@ from edgepeft.errors import ExportError
 from edgepeft.manifest import LOSSES, OPTIMIZERS, QUANTIZATIONS
 
 BIAS_MODES = ("none", "all", "lora_only")
+HEAD_POOLINGS = ("mean", "max", "flatten")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class ExportOptions:
     # the base model's hub name, written as adapters' base_model_name_or_path (default: config.json's
     # `_name_or_path` unless it is a path, else the model directory's name; none for a torch module)
     base_name: str | None = None
+    # an ONNX model (`export("model.onnx", ...)`): the graph value a new Linear head reads (`labels` gives its
+    # width); a value of more than 2 dimensions is pooled first over every axis but the batch (0) and
+    # `head_feature_axis` ("mean" or "max"), or "flatten"ed to (batch, everything else)
+    head_on: str | None = None
+    head_pooling: str = "mean"
+    head_feature_axis: int = -1
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -83,6 +90,12 @@ class ExportOptions:
             raise ExportError(f"`opset` must be at least 14, got {self.opset!r}")
         if self.base_name is not None and (not isinstance(self.base_name, str) or not self.base_name.strip()):
             raise ExportError(f"`base_name` must be a non-empty string (a hub name), got {self.base_name!r}")
+        if self.head_on is not None and (not isinstance(self.head_on, str) or not self.head_on):
+            raise ExportError(f"`head_on` must name a value of the ONNX graph, got {self.head_on!r}")
+        if self.head_pooling not in HEAD_POOLINGS:
+            raise ExportError(f"`head_pooling` must be one of {HEAD_POOLINGS}, got {self.head_pooling!r}")
+        if not isinstance(self.head_feature_axis, int) or self.head_feature_axis == 0:
+            raise ExportError(f"`head_feature_axis` must be a non-batch axis (not 0), got {self.head_feature_axis!r}")
         labels = tuple(str(label) for label in self.labels)
         if len(set(labels)) != len(labels):
             raise ExportError(f"`labels` holds duplicates: {labels}")
