@@ -146,10 +146,11 @@ class SdpaNet(nn.Module):
 
 
 class RecurrentNet(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase]) -> None:
+    def __init__(self, cell: type[nn.RNNBase], num_layers: int = 1, bidirectional: bool = False) -> None:
         super().__init__()
         self.stem = nn.Linear(16, WIDTH)
-        self.rnn = cell(WIDTH, WIDTH, batch_first=True)
+        self.rnn = cell(WIDTH, WIDTH // 2 if bidirectional else WIDTH, num_layers, batch_first=True,
+                        bidirectional=bidirectional)  # fmt: skip
         self.head = nn.Linear(WIDTH, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,18 +299,19 @@ ZOO: dict[str, Entry] = {
         lambda: (AttentionNet(), _seq()), ("stem", "attn"), note="PEFT's LoRA on nn.MultiheadAttention (in+out proj)"
     ),
     "multihead_attention_frozen": Entry(lambda: (AttentionNet(), _seq()), ("stem",), note="MHA frozen"),
-    "multihead_attention_out_proj": Entry(
-        lambda: (AttentionNet(), _seq()),
-        ("stem", "out_proj"),
-        note="LoRA on out_proj alone does nothing in torch's MHA: should be detected",
-    ),
     "transformer_encoder_layer": Entry(lambda: (EncoderNet(), _seq()), ("stem", "linear1", "linear2")),
     "transformer_decoder_layer": Entry(
         lambda: (DecoderNet(), {**_seq(), "memory": torch.randn(BATCH, SEQ, WIDTH)}), ("stem", "linear1", "linear2")
     ),
     "sdpa": Entry(lambda: (SdpaNet(), _seq()), ("query", "value")),
     "gru": Entry(lambda: (RecurrentNet(nn.GRU), _seq()), ("stem",), note="PEFT has no LoRA for GRU"),
+    "gru_bidirectional_2layers": Entry(
+        lambda: (RecurrentNet(nn.GRU, num_layers=2, bidirectional=True), _seq()), ("stem",)
+    ),
     "lstm": Entry(lambda: (RecurrentNet(nn.LSTM), _seq()), ("stem",), note="PEFT has no LoRA for LSTM"),
+    "lstm_bidirectional_2layers": Entry(
+        lambda: (RecurrentNet(nn.LSTM, num_layers=2, bidirectional=True), _seq()), ("stem",)
+    ),
     "gelu_exact": Entry(lambda: (Stacked(_act(nn.GELU())), _vec()), ("stem", "block.1")),
     "gelu_tanh": Entry(lambda: (Stacked(_act(nn.GELU(approximate="tanh"))), _vec()), ("stem", "block.1")),
     "silu": Entry(lambda: (Stacked(_act(nn.SiLU())), _vec()), ("stem", "block.1")),
@@ -317,6 +319,7 @@ ZOO: dict[str, Entry] = {
     "mish": Entry(lambda: (Stacked(_act(nn.Mish())), _vec()), ("stem", "block.1")),
     "maxpool2d": Entry(_conv(nn.MaxPool2d(2)), ("stem",)),
     "avgpool2d": Entry(_conv(nn.AvgPool2d(2)), ("stem",)),
+    "avgpool2d_padded": Entry(_conv(nn.AvgPool2d(3, stride=2, padding=1)), ("stem",)),
     "adaptive_avgpool2d": Entry(_conv(nn.AdaptiveAvgPool2d(2)), ("stem",)),
     "dropout": Entry(lambda: (Stacked(nn.Sequential(nn.Dropout(0.5), nn.Linear(WIDTH, WIDTH))), _vec()), ("stem",)),
     "weight_tying": Entry(
@@ -326,6 +329,56 @@ ZOO: dict[str, Entry] = {
     "shared_module_x3": Entry(lambda: (SharedNet(3), _vec()), ("stem", "fc"), note="ALBERT-style: block used 3 times"),
     "identical_values": Entry(lambda: (TwinNormNet(2), _vec()), ("stem", "fc"), note="two fresh LayerNorms"),
     "identical_values_x3": Entry(lambda: (TwinNormNet(3), _vec()), ("stem", "fc"), note="three fresh LayerNorms"),
+}
+
+
+# LoRA target lists the exporter refuses, with what the ExportError must say.
+REFUSED_TARGETS: dict[str, tuple[Entry, str]] = {
+    "multihead_attention_out_proj": (
+        Entry(lambda: (AttentionNet(), _seq()), ("stem", "out_proj")),
+        "LoRA on out_proj alone does nothing there",
+    ),
+}
+
+# What each entry proves, for docs/supported.md: the torch layer (or feature) it is built around.
+LAYER = {
+    "linear": "nn.Linear",
+    "conv1d": "nn.Conv1d",
+    "conv2d_grouped": "nn.Conv2d (grouped)",
+    "conv2d_depthwise": "nn.Conv2d (depthwise)",
+    "conv_transpose2d": "nn.ConvTranspose2d",
+    "embedding": "nn.Embedding",
+    "embedding_bag": "nn.EmbeddingBag (2-D input, mean/sum/max)",
+    "layernorm": "nn.LayerNorm",
+    "groupnorm": "nn.GroupNorm",
+    "rmsnorm": "nn.RMSNorm",
+    "batchnorm1d": "nn.BatchNorm1d (frozen statistics)",
+    "batchnorm2d": "nn.BatchNorm2d (frozen statistics)",
+    "batchnorm2d_fresh": "nn.BatchNorm2d at its fresh init (equal statistics)",
+    "multihead_attention": "nn.MultiheadAttention (PEFT LoRA on it)",
+    "multihead_attention_frozen": "nn.MultiheadAttention (frozen)",
+    "transformer_encoder_layer": "nn.TransformerEncoderLayer",
+    "transformer_decoder_layer": "nn.TransformerDecoderLayer",
+    "sdpa": "F.scaled_dot_product_attention",
+    "gru": "nn.GRU (unrolled: fixed sequence length)",
+    "gru_bidirectional_2layers": "nn.GRU (bidirectional, 2 layers)",
+    "lstm": "nn.LSTM (unrolled: fixed sequence length)",
+    "lstm_bidirectional_2layers": "nn.LSTM (bidirectional, 2 layers)",
+    "gelu_exact": "nn.GELU",
+    "gelu_tanh": "nn.GELU(approximate='tanh')",
+    "silu": "nn.SiLU",
+    "hardswish": "nn.Hardswish",
+    "mish": "nn.Mish",
+    "maxpool2d": "nn.MaxPool2d",
+    "avgpool2d": "nn.AvgPool2d",
+    "avgpool2d_padded": "nn.AvgPool2d (stride < kernel, padding)",
+    "adaptive_avgpool2d": "nn.AdaptiveAvgPool2d",
+    "dropout": "nn.Dropout (off in the backbone)",
+    "weight_tying": "weight tying (embedding = output layer)",
+    "shared_module": "a module used twice (ALBERT-style)",
+    "shared_module_x3": "a module used 3 times (ALBERT-style)",
+    "identical_values": "parameters with identical values (2 fresh LayerNorms)",
+    "identical_values_x3": "parameters with identical values (3 fresh LayerNorms)",
 }
 
 

@@ -25,6 +25,7 @@ from torch import nn
 import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
+from edgepeft.export.diagnose import training_graph_error
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers, remove_dropout_
@@ -114,12 +115,13 @@ def export(
         _save(forward, out / mf.INFERENCE_MODEL, int8_compute, inference=True)
 
         full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset)
-        _generate_artifacts(full, trainable, frozen, options.optimizer, out)
+        _generate_artifacts(full, trainable, frozen, options.optimizer, out, module)
         # int8 arithmetic where it pays, the training step; evaluation and prediction multiply the exact
         # dequantized weights, so a device's predictions match the host's (99% against 95% of MiniLM's).
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
         _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
+        _check_loadable(out / mf.TRAINING_MODEL, module)  # a bundle the device cannot load is never written
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
 
@@ -314,7 +316,7 @@ def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
 
 
 def _generate_artifacts(
-    model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path
+    model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path, module: nn.Module
 ) -> None:
     from onnxruntime.training import artifacts
 
@@ -325,7 +327,21 @@ def _generate_artifacts(
                 model, requires_grad=trainable, frozen_params=frozen, loss=None, optimizer=optim, artifact_directory=out
             )
     except Exception as e:
-        raise ExportError(f"ONNX Runtime could not build the training graph: {str(e).splitlines()[0][:500]}") from None
+        raise training_graph_error(module, e, "build") from None
+
+
+def _check_loadable(training_model: Path, module: nn.Module) -> None:
+    """Open the training graph as the device will: every node needs a CPU kernel (ConvTransposeGrad has none)."""
+    from edgepeft.runtime.ort import onnxruntime_module
+
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(training_model), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise training_graph_error(module, e, "load") from None
 
 
 def _save(

@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from torch import nn
 
 from edgepeft.errors import ExportError
+from edgepeft.export.diagnose import custom_functions_refused, onnx_log_silenced, trace_error
+from edgepeft.export.rewrites import traceable_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def export_module(
             dynamo=False,
         )
 
-    return _export(module, run_export, path, trainable)
+    return _export(module, run_export, path, trainable, rerun=lambda: module(*example_inputs.values()))
 
 
 def export_transformers(module: nn.Module, task: str, path: Path, trainable: list[str], opset: int) -> onnx.ModelProto:
@@ -70,14 +73,24 @@ def export_transformers(module: nn.Module, task: str, path: Path, trainable: lis
     )
 
 
-def _export(module: nn.Module, run_export, path: Path, trainable: list[str]) -> onnx.ModelProto:
+def _export(
+    module: nn.Module, run_export, path: Path, trainable: list[str], rerun: Callable[[], object] | None = None
+) -> onnx.ModelProto:
+    """Trace `module` with `run_export`; `rerun` (a forward on the example) locates an op torch cannot export."""
     module.eval()
     with torch.no_grad(), _distinct_values(module, trainable) as true_values, _lora_dropout_kept(module):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), traceable_forwards(), _merged_weights_kept(module) as merged:
             warnings.simplefilter("ignore")
-            run_export()
+            try:
+                with onnx_log_silenced(), custom_functions_refused(module, rerun):
+                    run_export()
+            except ExportError:
+                raise
+            except Exception as e:  # torch.onnx's errors: one ExportError naming the module and the op
+                raise trace_error(module, e, rerun) from None
     model = onnx.load(str(path))
     _undo_initializer_dedup(model, set(module.state_dict(keep_vars=True)))
+    _constants_to_initializers(model, merged)
     _split_shared_norm_params(model, set(trainable))
     _write_back(model, true_values)
     _freeze_batchnorm(model, set(trainable))
@@ -164,6 +177,66 @@ def _undo_initializer_dedup(model: onnx.ModelProto, names: set[str]) -> int:
         graph.node.extend(nodes)
         logger.debug("%d deduplicated initializers restored", restored)
     return restored
+
+
+@contextlib.contextmanager
+def _merged_weights_kept(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the base weights PEFT merges and unmerges in every forward (LoRA on nn.MultiheadAttention).
+
+    PEFT's MultiheadAttention LoRA computes `in_proj_weight.data.detach() + delta` (and the same for out_proj) in
+    its forward, then subtracts the delta again: the trace holds the base weights as anonymous constants, and each
+    forward moves them by a rounding error. Yields {parameter name: its value before tracing}; restores them after.
+    """
+    saved: dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, LoraMultiheadAttention):
+            base = sub.get_base_layer()
+            prefix = f"{name}.base_layer." if name else "base_layer."
+            for attr, owner, key in (("in_proj_weight", base, "in_proj_weight"),
+                                     ("out_proj.base_layer.weight", base.out_proj.get_base_layer(), "weight")):  # fmt: skip
+                saved[prefix + attr] = (owner, key, getattr(owner, key).detach().clone())
+    try:
+        yield {name: value for name, (_, _, value) in saved.items()}
+    finally:
+        for owner, key, value in saved.values():
+            getattr(owner, key).data.copy_(value)
+
+
+def _constants_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> int:
+    """Turn each Constant node holding one of `values` (within rounding) into that parameter's initializer.
+
+    Named again, the weights are quantized, fingerprinted and checkpointed like every other frozen weight.
+    Returns how many constants were named.
+    """
+    graph = model.graph
+    held = {i.name for i in graph.initializer}
+    wanted = {name: v.cpu().numpy() for name, v in values.items() if name not in held}
+    renames: dict[str, str] = {}
+    nodes = []
+    for node in graph.node:
+        tensor = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        name = None
+        if tensor is not None and tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) >= 2:
+            array = numpy_helper.to_array(tensor)
+            name = next((n for n, v in wanted.items() if v.shape == array.shape and _close(array, v)), None)
+        if name is None:
+            nodes.append(node)
+            continue
+        if name not in held:
+            graph.initializer.append(numpy_helper.from_array(wanted[name], name))
+            held.add(name)
+        renames[node.output[0]] = name
+    if renames:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        for node in graph.node:
+            node.input[:] = [renames.get(n, n) for n in node.input]
+        logger.debug("constants named as frozen parameters: %s", sorted(set(renames.values())))
+    return len(renames)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).max()) <= 1e-4 * max(float(np.abs(b).max()), 1e-12)
 
 
 # ORT's gradient of these writes `<input>_grad` for its parameter inputs (indices), whoever else reads them.
@@ -343,13 +416,18 @@ def attach_loss(
     clashes = {v.name for v in loss_model.graph.input} & {v.name for v in forward.graph.input}
     if clashes:
         raise ExportError(f"model inputs {sorted(clashes)} clash with the loss's input names")
-    merged = onnx.compose.merge_models(
-        forward,
-        loss_model,
-        io_map=[(output_name, "loss_input")],
-        prefix2="loss/",
-        outputs=[f"loss/{LOSS_OUTPUT}", output_name],
-    )
+    try:
+        merged = onnx.compose.merge_models(
+            forward,
+            loss_model,
+            io_map=[(output_name, "loss_input")],
+            prefix2="loss/",
+            outputs=[f"loss/{LOSS_OUTPUT}", output_name],
+        )
+    except Exception as e:  # onnx's checker on the joined graph
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        joined = f"the model's graph and the loss {type(loss_fn).__name__} could not be joined"
+        raise ExportError(f"{joined}: {first[:300]}") from None
     _rename(merged, {f"loss/{LOSS_OUTPUT}": LOSS_OUTPUT, f"loss/{LABELS_INPUT}": LABELS_INPUT})
     # ORT builds the gradient from the first graph output: the loss goes first.
     outputs = sorted(merged.graph.output, key=lambda v: v.name != LOSS_OUTPUT)

@@ -76,9 +76,32 @@ def _check_targets(model: nn.Module, spec: LoraSpec) -> None:
             f"target_modules {spec.target_modules!r} match no module of {type(model).__name__}; "
             f"adaptable module names: {candidates[:20]}"
         )
+    _check_attention_targets(model, spec)
     missing = [m for m in spec.modules_to_save if not matches(m)]
     if missing:
         raise ExportError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+
+
+def _targeted(name: str, targets: str | tuple[str, ...]) -> bool:
+    """Whether PEFT adapts the module called `name` (its own matching: a regex, or a name or name suffix)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_attention_targets(model: nn.Module, spec: LoraSpec) -> None:
+    """LoRA on an nn.MultiheadAttention's out_proj alone does nothing: the attention reads out_proj.weight itself
+    (F.multi_head_attention_forward), never calls the module. PEFT adapts the attention module as a whole."""
+    for name, sub in model.named_modules():
+        if isinstance(sub, nn.MultiheadAttention) and not _targeted(name, spec.target_modules):
+            inner = f"{name}.out_proj" if name else "out_proj"
+            if _targeted(inner, spec.target_modules):
+                raise ExportError(
+                    f"target_modules match {inner} inside {name or 'the model'} (nn.MultiheadAttention): LoRA on "
+                    f"out_proj alone does nothing there, the attention uses its weight directly; target the "
+                    f"MultiheadAttention module {name.split('.')[-1] or name!r} instead (PEFT then adapts its input "
+                    f"and output projections)"
+                )
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -91,10 +114,21 @@ def _config_dict(config: peft.LoraConfig) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
 
 
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
 def frozen_weight_names(module: nn.Module) -> list[str]:
-    """Names of frozen Linear, Conv and Embedding weights: the tensors worth storing as int8."""
+    """Names of frozen Linear, Conv, Embedding and attention projection weights: the tensors worth storing as int8."""
     names = []
     for name, sub in module.named_modules():
-        if _adaptable(sub) and not sub.weight.requires_grad and sub.weight.dtype == torch.float32:
-            names.append(f"{name}.weight" if name else "weight")
+        prefix = f"{name}." if name else ""
+        if isinstance(sub, nn.MultiheadAttention):
+            weights = [(w, getattr(sub, w)) for w in _ATTENTION_WEIGHTS]
+        elif _adaptable(sub):
+            weights = [("weight", sub.weight)]
+        else:
+            continue
+        for attr, w in weights:
+            if isinstance(w, torch.Tensor) and not w.requires_grad and w.dtype == torch.float32:
+                names.append(prefix + attr)
     return names
