@@ -26,7 +26,10 @@ stops with one ExportError naming the module, its class and the op, and writes n
 def _declares_supported(path: Path) -> bool:
     """Whether the module assigns SUPPORTED at top level (read without importing every test module)."""
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        else:
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(getattr(t, "id", None) == "SUPPORTED" for t in targets):
             return True
     return False
@@ -50,7 +53,8 @@ def render(entries: list[dict]) -> str:
     kinds = list(dict.fromkeys(e["kind"] for e in entries))
     for kind in kinds:
         section = [e for e in entries if e["kind"] == kind]
-        lines += [f"## {kind[0].upper()}{kind[1:]}s", "", "| what | status | LoRA on | note | proved by |"]
+        plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+        lines += [f"## {plural[0].upper()}{plural[1:]}", "", "| what | status | LoRA on | note | proved by |"]
         lines.append("|---|---|---|---|---|")
         for e in section:
             tests = "<br>".join(f"`{t.split('::', 1)[1]}`" for t in e["tests"])

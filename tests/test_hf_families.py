@@ -234,8 +234,8 @@ def _ids(family: str) -> tuple[str, ...]:
     return tuple(f"test_family_exports_trains_and_round_trips_through_peft[{'-'.join(c)}]" for c in cases)
 
 
-# What this module proves is supported, for the support table: (name, what, tests)
-SUPPORTED = [
+# What this module proves is supported, for the support table: (name, what, tests), as tests/support_table.py reads
+_PROVED = [
     ("BERT", "text classifier directory; LoRA on query, value", _ids("bert")),
     ("DistilBERT", "text classifier directory; LoRA on q_lin, v_lin; no token_type_ids",
      _ids("distilbert") + tuple(f"test_a_tokenizer_output_the_model_does_not_take_is_left_out[{f}]"
@@ -253,3 +253,15 @@ SUPPORTED = [
      "(BatchNorm frozen); new head",
      _ids("resnet") + ("test_a_second_runtime_preprocesses_images_from_the_manifest_alone[resnet]",)),
 ]  # fmt: skip
+
+SUPPORTED = [
+    {
+        "what": name,
+        "kind": "Hugging Face family",
+        "status": "supported",
+        "lora": what.split("LoRA on ", 1)[1].split(";")[0] if "LoRA on " in what else "",
+        "note": what,
+        "tests": [f"tests/test_hf_families.py::{test}" for test in tests],
+    }
+    for name, what, tests in _PROVED
+]

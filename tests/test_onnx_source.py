@@ -25,7 +25,7 @@ from edgepeft.export import ExportOptions, LoraSpec, export
 from edgepeft.runtime import TrainingSession
 
 # the support table's rows: (name, what, tests that prove it)
-SUPPORTED = [
+_PROVED = [
     (
         "ONNX model: LoRA on MatMul/Gemm weights + new head",
         (
@@ -54,6 +54,18 @@ SUPPORTED = [
          "test_errors_file_does_not_load", "test_errors_op_with_no_gradient", "test_errors_head_on_for_a_torch_model"),
     ),
 ]  # fmt: skip
+
+SUPPORTED = [
+    {
+        "what": name,
+        "kind": "ONNX-only backbone",
+        "status": "refused" if name.endswith("errors") else "supported",
+        "lora": "MatMul/Gemm/Conv weight initializers",
+        "note": what,
+        "tests": [f"tests/test_onnx_source.py::{test}" for test in tests],
+    }
+    for name, what, tests in _PROVED
+]
 
 DEVICE_SCRIPT = textwrap.dedent(
     """

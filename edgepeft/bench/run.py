@@ -85,7 +85,7 @@ def _export_bundles(config: BenchConfig, labels: tuple[str, ...], work: Path, pr
 
 def _export_each(config: BenchConfig, labels: tuple[str, ...], work: Path, progress: Progress) -> dict[str, Path]:
     from edgepeft.demo import minilm_path
-    from edgepeft.export import ExportOptions, LoraSpec, export
+    from edgepeft.export import ExportOptions, export
 
     bundles = {}
     for system, quantization in QUANTIZATION.items():
@@ -93,7 +93,7 @@ def _export_each(config: BenchConfig, labels: tuple[str, ...], work: Path, progr
             continue
         progress(f"exporting the {quantization} bundle for {system} ...")
         options = ExportOptions(labels=labels, quantization=quantization, max_length=config.max_length)
-        export(minilm_path(), work / system, lora=LoraSpec(), options=options)
+        export(minilm_path(), work / system, lora=_lora_spec(), options=options)
         bundles[system] = work / system
     return bundles
 
@@ -102,16 +102,15 @@ def _jobs_base(config: BenchConfig, bundles: dict[str, Path], labels: tuple[str,
     """The per-system part of every job: which model to open, and PyTorch's matching settings."""
     from edgepeft.bench.optimizer import bundle_adamw
     from edgepeft.demo import minilm_path
-    from edgepeft.export import ExportOptions, LoraSpec
-    from edgepeft.export.transformers_models import BERT_LIKE_TARGETS
+    from edgepeft.export import ExportOptions
 
     common = {"threads": config.threads, "classes": len(labels), "input_seed": config.input_seed,
               "learning_rate": config.learning_rate}  # fmt: skip
     base = {}
     for system in config.systems:
         if system == PYTORCH:
-            lora = dataclasses.asdict(LoraSpec())
-            lora["target_modules"] = list(lora["target_modules"] or BERT_LIKE_TARGETS)  # MiniLM's default
+            lora = dataclasses.asdict(_lora_spec())
+            lora["target_modules"] = list(lora["target_modules"])
             torch_args = {"labels": list(labels), "lora": lora, "adamw": bundle_adamw(bundles[EDGEPEFT]),
                           "init_seed": ExportOptions().seed, "max_length": config.max_length}  # fmt: skip
             base[system] = {**common, "system": system, "model": str(minilm_path()), "torch": torch_args}
@@ -120,14 +119,20 @@ def _jobs_base(config: BenchConfig, bundles: dict[str, Path], labels: tuple[str,
     return base
 
 
+def _lora_spec():
+    """The LoRA spec every system trains with: r=8 on MiniLM's query and value, as the demo."""
+    from edgepeft.export import LoraSpec
+    from edgepeft.export.transformers_models import BERT_LIKE_TARGETS
+
+    return LoraSpec(target_modules=BERT_LIKE_TARGETS)
+
+
 def _model_description() -> tuple[dict[str, int], dict[str, Any]]:
     """The base model's dimensions (for FLOP counts) and the LoRA spec every system trains with."""
     from edgepeft.bench.flops import BertDims
     from edgepeft.demo import minilm_path
-    from edgepeft.export import LoraSpec
-
-    spec = LoraSpec()
-    targets = list(spec.target_modules) if not isinstance(spec.target_modules, str) else [spec.target_modules]
+    spec = _lora_spec()
+    targets = list(spec.target_modules)
     lora = {"r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout, "target_modules": targets,
             "per_layer": len(targets)}  # fmt: skip
     return dataclasses.asdict(BertDims.from_config(minilm_path())), lora

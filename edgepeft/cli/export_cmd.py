@@ -16,9 +16,8 @@ from edgepeft.cli.common import comma_list, directory_size, human_size
 @click.option("--labels", help="Class names, comma-separated (required for a transformers classifier).")
 @click.option(
     "--target-modules",
-    default="query,value",
-    show_default=True,
-    help="Modules to adapt: comma-separated names, or one regular expression with --regex.",
+    help="Modules to adapt: comma-separated names, or one regular expression with --regex "
+    "[default: the model family's own, e.g. query,value for BERT, q_lin,v_lin for DistilBERT].",
 )
 @click.option("--regex", is_flag=True, help="Treat --target-modules as one regular expression.")
 @click.option("--rank", "r", default=8, show_default=True, help="LoRA rank.")
@@ -47,7 +46,7 @@ def export(
     model: str,
     out: str,
     labels: str | None,
-    target_modules: str,
+    target_modules: str | None,
     regex: bool,
     r: int,
     alpha: float,
@@ -65,14 +64,16 @@ def export(
 ) -> None:
     """Compile MODEL into a training bundle.
 
-    MODEL is a Hugging Face transformers model directory (loaded offline), or `package.module:function`
+    MODEL is a Hugging Face transformers text or image classifier directory (loaded offline), or `package.module:function`
     naming a function that returns `(torch_module, example_inputs_dict)`; the module is looked up in the
     current directory first, then on PYTHONPATH; or an ONNX model file (`model.onnx`, with --head-on).
     """
     from edgepeft.export import ExportOptions, LoraSpec, load_factory
     from edgepeft.export import export as export_bundle
 
-    targets: tuple[str, ...] | str = target_modules if regex else comma_list(target_modules)
+    targets: tuple[str, ...] | str | None = None
+    if target_modules is not None:
+        targets = target_modules if regex else comma_list(target_modules)
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=targets, bias=bias,
                     modules_to_save=modules_to_save)  # fmt: skip
     options = ExportOptions(

@@ -192,8 +192,9 @@ def _merged_weights_kept(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]
         if isinstance(sub, LoraMultiheadAttention):
             base = sub.get_base_layer()
             prefix = f"{name}.base_layer." if name else "base_layer."
-            for attr, owner, key in (("in_proj_weight", base, "in_proj_weight"),
-                                     ("out_proj.base_layer.weight", base.out_proj.get_base_layer(), "weight")):  # fmt: skip
+            weights = (("in_proj_weight", base, "in_proj_weight"),
+                       ("out_proj.base_layer.weight", base.out_proj.get_base_layer(), "weight"))  # fmt: skip
+            for attr, owner, key in weights:
                 saved[prefix + attr] = (owner, key, getattr(owner, key).detach().clone())
     try:
         yield {name: value for name, (_, _, value) in saved.items()}
