@@ -64,9 +64,10 @@ def export(
 ) -> None:
     """Compile MODEL into a training bundle.
 
-    MODEL is a Hugging Face transformers text or image classifier directory (loaded offline), or `package.module:function`
-    naming a function that returns `(torch_module, example_inputs_dict)`; the module is looked up in the
-    current directory first, then on PYTHONPATH; or an ONNX model file (`model.onnx`, with --head-on).
+    MODEL is a Hugging Face transformers text or image classifier directory (loaded offline);
+    `package.module:function`, naming a function that returns `(torch_module, example_inputs_dict)` (the
+    module is looked up in the current directory first, then on PYTHONPATH); or an ONNX model file
+    (`model.onnx`, with --head-on).
     """
     from edgepeft.export import ExportOptions, LoraSpec, load_factory
     from edgepeft.export import export as export_bundle

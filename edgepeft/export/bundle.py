@@ -316,8 +316,14 @@ def _fingerprint(model: onnx.ModelProto, frozen: list[str]) -> str:
 
 
 def _generate_artifacts(
-    model: onnx.ModelProto, trainable: list[str], frozen: list[str], optimizer: str, out: Path, module: nn.Module
+    model: onnx.ModelProto,
+    trainable: list[str],
+    frozen: list[str],
+    optimizer: str,
+    out: Path,
+    module: nn.Module | None = None,
 ) -> None:
+    """ORT's artifacts for `model`; a failure names the op, and the module it came from when `module` is given."""
     from onnxruntime.training import artifacts
 
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
@@ -330,7 +336,7 @@ def _generate_artifacts(
         raise training_graph_error(module, e, "build") from None
 
 
-def _check_loadable(training_model: Path, module: nn.Module) -> None:
+def _check_loadable(training_model: Path, module: nn.Module | None = None) -> None:
     """Open the training graph as the device will: every node needs a CPU kernel (ConvTransposeGrad has none)."""
     from edgepeft.runtime.ort import onnxruntime_module
 

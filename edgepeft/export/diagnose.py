@@ -44,8 +44,10 @@ def ort_message(error: BaseException) -> str:
     return re.sub(r"/onnxruntime_src/\S+ ", "", first)[:400]
 
 
-def module_at(module: nn.Module, node_name: str) -> str | None:
+def module_at(module: nn.Module | None, node_name: str) -> str | None:
     """The module an ONNX node was traced from, as `qualified.name (Class)`: torch names nodes `/a/a.b/Op_3`."""
+    if module is None:  # an ONNX file: no torch source to name
+        return None
     parts = [p for p in node_name.split("/") if p]
     for part in reversed(parts[:-1]):
         try:
@@ -62,7 +64,7 @@ def node_of(message: str) -> str | None:
     return match.group(1).rstrip(".,'") if match else None
 
 
-def training_graph_error(module: nn.Module, error: BaseException, what: str) -> ExportError:
+def training_graph_error(module: nn.Module | None, error: BaseException, what: str) -> ExportError:
     """ORT could not build (`what`="build") or load (`what`="load") the training graph."""
     message = ort_message(error)
     node = node_of(message)

@@ -134,6 +134,7 @@ def export_onnx(
         decompose_gelu_grad_(training)
         compile_._save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
         compile_._save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
+        compile_._check_loadable(out / mf.TRAINING_MODEL)  # a bundle the device cannot load is never written
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(built.peft_config, indent=2, sort_keys=True) + "\n")
         manifest = mf.Manifest(
             inputs=tuple(compile_._spec(v) for v in forward.graph.input if v.name not in held),

@@ -140,7 +140,9 @@ class TrainingSession:
         for spec in self.manifest.trainable:
             if spec.name not in params or tuple(params[spec.name].data.shape) != spec.shape:
                 found = tuple(params[spec.name].data.shape) if spec.name in params else "no such tensor"
-                raise BundleError(f"the bundle's {spec.name} has shape {spec.shape}; the checkpoint disagrees ({found})")
+                raise BundleError(
+                    f"the bundle's {spec.name} has shape {spec.shape}; the checkpoint disagrees ({found})"
+                )
 
     def _restore(self, directory: str | os.PathLike) -> None:
         self._load_state(*read_state(directory, self.manifest.base_fingerprint), directory)
