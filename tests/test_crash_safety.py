@@ -176,3 +176,50 @@ def test_a_reader_never_misses_an_adapter_while_it_is_replaced(mlp_bundle, tmp_p
         out, _ = reader.communicate(timeout=60)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["reads"] > 20 and result["failed"] == 0, result
+
+
+def _renames_then_syncs(monkeypatch, write) -> list[tuple[str, str]]:
+    """Run `write()` recording, in order, every rename/replace/exchange and every directory fsync it makes
+    (the real calls still happen), and check that each rename's directory is fsynced before the next rename:
+    the order of renames then survives a power loss, not only a kill."""
+    from edgepeft import fileio
+    from edgepeft.runtime import checkpoint
+
+    events: list[tuple[str, str]] = []
+
+    def recording(kind, function, directory_of):
+        def call(*args, **kwargs):
+            result = function(*args, **kwargs)
+            if kind != "rename" or result is not False:
+                events.append((kind, str(directory_of(*args))))
+            return result
+
+        return call
+
+    parent = lambda src, dst=None, *rest: Path(dst if dst is not None else src).parent  # noqa: E731
+    monkeypatch.setattr(os, "rename", recording("rename", os.rename, parent))
+    monkeypatch.setattr(os, "replace", recording("rename", os.replace, parent))
+    monkeypatch.setattr(fileio, "exchange", recording("rename", fileio.exchange, lambda a, b: Path(b).parent))
+    sync = recording("fsync", fileio.fsync_directory, lambda d: Path(d))
+    monkeypatch.setattr(fileio, "fsync_directory", sync)
+    monkeypatch.setattr(checkpoint, "fsync_directory", sync)
+    write()
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert renames, events
+    for i in renames:
+        following = events[i + 1 :]
+        next_rename = next((j for j, (kind, _) in enumerate(following) if kind == "rename"), len(following))
+        assert ("fsync", events[i][1]) in following[:next_rename], (events[i], events)
+    return events
+
+
+def test_every_rename_of_a_checkpoint_and_an_adapter_is_made_durable(mlp_bundle, tmp_path, monkeypatch):
+    session = TrainingSession(mlp_bundle)
+    session.save_state(tmp_path / "state")
+    session.save_adapter(tmp_path / "adapter")
+    events = _renames_then_syncs(monkeypatch, lambda: session.save_state(tmp_path / "state"))  # an update
+    assert ("fsync", str(tmp_path / "state")) in events  # the checkpoint's name, then progress.json
+    _renames_then_syncs(monkeypatch, lambda: session.save_state(tmp_path / "new-state"))
+    _renames_then_syncs(monkeypatch, lambda: session.save_adapter(tmp_path / "adapter"))  # a replace
+    store = AdapterStore(tmp_path / "store", session.manifest)
+    _renames_then_syncs(monkeypatch, lambda: store.save("me", session.trainable_values(), steps=0))

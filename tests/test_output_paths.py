@@ -154,3 +154,38 @@ def test_empty_directories_and_outputs_of_the_same_kind_are_written(mlp_bundle, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "state", "store"]  # nothing hidden left
     with pytest.raises(OutputError, match=f"refusing to write an adapter to {tmp_path / 'state' / 'progress.json'}"):
         session.save_adapter(tmp_path / "state" / "progress.json")
+
+
+def test_every_cli_output_path_keeps_a_users_folder_and_the_bundle(mlp_bundle, user_dir, tmp_path):
+    """Through the CLI: each output flag pointed at a folder of the user's files, or at the bundle, is refused
+    with the path named; the files survive, and the bundle given as --adapter-out still trains."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle, bundle)
+    listing = sorted(p.name for p in bundle.iterdir())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(16, 16)).astype(np.float32), labels=np.arange(16) % 4)
+    train = ["train", str(bundle), "--data", str(tmp_path / "d.npz"), "--epochs", "1"]
+    runner = CliRunner()
+    for target in (user_dir, bundle, bundle / "inside"):
+        for flag in ("--adapter-out", "--state-out", "--checkpoint-dir", "--store"):
+            result = runner.invoke(main, [*train, flag, str(target)])
+            assert result.exit_code == 1, (flag, target, result.output)
+            assert result.output.strip().splitlines()[-1].startswith("Error: ") and str(target) in result.output
+        _survives(user_dir)
+        _bundle_intact(bundle, listing)
+    result = runner.invoke(main, ["export", "tiny_models:mlp", "--out", str(user_dir), "--target-modules", "fc1",
+                                  "--overwrite"])  # fmt: skip
+    assert result.exit_code == 1 and str(user_dir) in result.output
+    for command in (["demo", "--out", str(user_dir)], ["bench", "--smoke", "--out", str(user_dir)]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1 and str(user_dir) in result.output, result.output
+    result = runner.invoke(main, [*train, "--report", str(user_dir / "thesis.txt")])
+    assert result.exit_code == 1 and "not a JSON report" in result.output
+    _survives(user_dir)
+    result = runner.invoke(main, [*train, "--adapter-out", str(tmp_path / "adapter")])  # the bundle still works
+    assert result.exit_code == 0, result.output
+    _bundle_intact(bundle, listing)

@@ -14,8 +14,8 @@ import click
 from edgepeft.errors import InputError
 
 
-def write_report(path: str | None, report: dict[str, Any], flag: str = "--report") -> None:
-    """Write figures as JSON, replacing only an earlier JSON report (never a directory or another file)."""
+def check_report(path: str | None, flag: str = "--report") -> None:
+    """Refuse, before any work, a report path that holds a directory or a file other than a JSON report."""
     if not path:
         return
     target = Path(path)
@@ -26,6 +26,14 @@ def write_report(path: str | None, report: dict[str, Any], flag: str = "--report
             json.loads(target.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise InputError(f"{flag} {target} exists and is not a JSON report: not replacing it") from None
+
+
+def write_report(path: str | None, report: dict[str, Any], flag: str = "--report") -> None:
+    """Write figures as JSON, replacing only an earlier JSON report (never a directory or another file)."""
+    if not path:
+        return
+    check_report(path, flag)
+    target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(target)

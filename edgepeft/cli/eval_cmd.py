@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from edgepeft.cli.app import Command
-from edgepeft.cli.common import open_session, write_report
+from edgepeft.cli.common import check_report, open_session, write_report
 from edgepeft.cli.data_options import data_options, read_data, read_inputs, text_column_option
 
 
@@ -31,6 +31,7 @@ def evaluate(
     """Evaluate BUNDLE (with an adapter or state) on a labelled data file: loss and accuracy."""
     if adapter and state:
         raise click.UsageError("give --adapter or --state, not both")
+    check_report(report)
     session = open_session(bundle, adapter, state)
     result = session.evaluate(read_data(session, data, "--data", text_column, label_column))
     write_report(report, {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples})

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from edgepeft.cli.app import Command
-from edgepeft.cli.common import comma_ints, comma_list, write_report
+from edgepeft.cli.common import check_report, comma_ints, comma_list, write_report
 
 
 @click.command(cls=Command)
@@ -29,6 +29,7 @@ def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | N
     """Fine-tune all-MiniLM-L6-v2 on Jane Austen passages on this device, and print the figures."""
     from edgepeft.demo import run_demo
 
+    check_report(report)
     figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
     write_report(report, figures)
     click.echo(json.dumps(figures, indent=2, sort_keys=True))

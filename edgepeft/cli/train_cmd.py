@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from edgepeft.cli.app import EXIT_ERROR, EXIT_INTERRUPTED, Command
-from edgepeft.cli.common import Progress, directory_size, open_session, write_report
+from edgepeft.cli.common import Progress, check_report, directory_size, open_session, write_report
 from edgepeft.cli.data_options import data_options, read_data
 
 
@@ -110,6 +110,7 @@ def train(
     """Train BUNDLE on a local data file, on this device."""
     from edgepeft.runtime import TrainConfig
 
+    check_report(report)
     if store and checkpoint_dir:
         raise click.UsageError("--checkpoint-dir does not apply with --store (fit keeps the best adapter instead)")
     config = TrainConfig(
