@@ -269,3 +269,28 @@ def test_lm_refuses_what_it_cannot_do(lm, tmp_path):
 
     with pytest.raises(ExportError, match="next-token"):
         export(source, tmp_path / "b", lora=LoraSpec(r=2, target_modules=("c_attn",)), options=ExportOptions(loss="mse"))
+
+
+def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
+    """`edgepeft train` / `eval` (perplexity) / `generate --prompt` on an LM bundle; predict refuses it."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    bundle, adapter, report = str(lm["gpt2"][1]), str(tmp_path / "adapter"), str(tmp_path / "eval.json")
+    run = CliRunner().invoke
+    trained = run(main, ["train", bundle, "--data", str(text_file), "--epochs", "2", "--batch-size", "4",
+                         "--lr", "1e-2", "--adapter-out", adapter])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    evaluated = run(main, ["eval", bundle, "--data", str(text_file), "--adapter", adapter, "--report", report])
+    assert evaluated.exit_code == 0 and "perplexity" in evaluated.output
+    figures = json.loads(Path(report).read_text())
+    assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]))
+    session = TrainingSession(bundle)
+    session.load_adapter(adapter)
+    expected = session.generate("the cat", 6).text
+    generated = run(main, ["generate", bundle, "--prompt", "the cat", "--adapter", adapter, "--max-new-tokens", "6",
+                           "--json"])  # fmt: skip
+    assert generated.exit_code == 0 and json.loads(generated.stdout.splitlines()[-1])["text"] == expected
+    refused = run(main, ["predict", bundle, "--text", "hello"])
+    assert refused.exit_code == 1 and "generate" in refused.output
