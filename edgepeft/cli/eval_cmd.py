@@ -38,7 +38,9 @@ def evaluate(
         figures.update(perplexity=result.perplexity, tokens=result.tokens)
     write_report(report, figures)
     accuracy = f", accuracy {result.accuracy:.1%}" if result.accuracy is not None else ""
-    perplexity = f", perplexity {result.perplexity:.3f} ({result.tokens} tokens)" if result.perplexity is not None else ""
+    perplexity = ""
+    if result.perplexity is not None:
+        perplexity = f", perplexity {result.perplexity:.3f} ({result.tokens} tokens)"
     click.echo(f"{result.examples} examples: loss {result.loss:.4f}{accuracy}{perplexity}")
 
 

@@ -59,8 +59,8 @@ class CausalLMData:
         if suffix in TEXT_SUFFIXES:
             return self.pad(self.blocks(self.encode_text(_read_text(path))))
         if suffix not in JSONL_SUFFIXES:
-            raise DataError(f"{path}: a language model reads plain text ({', '.join(TEXT_SUFFIXES)}) or JSONL "
-                            f"of {{\"text\": ...}} or {{\"messages\": [...]}} (.jsonl), not {suffix or 'no suffix'}")  # fmt: skip
+            layouts = f"plain text ({', '.join(TEXT_SUFFIXES)}) or JSONL of {{\"text\"}} or {{\"messages\"}} (.jsonl)"
+            raise DataError(f"{path}: a language model reads {layouts}, not {suffix or 'no suffix'}")
         column = text_column or "text"
         records = read_records(path, expect=f"a `{column}` or a `messages` field")
         examples = []
