@@ -17,6 +17,20 @@ The manifest is the one contract between the exporter and every runtime. Schema 
   `center_crop` ([height, width]) if not null; take the values as float, multiply by `rescale` if not null,
   then per channel subtract `mean` and divide by `std` if not null; lay them out channels first (`layout`).
   The result has shape [channels, *size].
+- 3: adds `task`, what kind of model the bundle is when it is not a classifier or regressor; written only when
+  a bundle has one (an older runtime refuses it rather than train it as a classifier). A causal language model:
+
+      "task": {"kind": "causal_lm", "tokenizer": "tokenizer.json", "chat_template": "{% for m in messages %}...",
+               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 256,
+               "generation_model": "generation.onnx"}
+
+  Its inputs are `input_ids`, `attention_mask` (and `position_ids` for families that take them), int64[batch,
+  sequence]; `labels` is int64[batch, sequence], the token ids themselves, -100 where no loss is taken (padding,
+  prompts): the graph shifts them, position t is scored on predicting token t + 1. The loss is `next_token`,
+  the mean cross-entropy over the scored tokens. `generation_model` is an inference graph with a KV cache: inputs
+  `input_ids`, `attention_mask` (past + new positions), `position_ids`, `past_key_values.N.key/value`
+  float32[batch, kv_heads, past, head_dim] (past may be 0), the trainable tensors (by their ONNX names: feed the
+  current adapter's values, the initializers hold the exported ones); outputs `logits`, `present.N.key/value`.
 """
 
 from __future__ import annotations
@@ -30,8 +44,8 @@ from typing import Any
 from edgepeft.errors import BundleError
 from edgepeft.fileio import read_json_object
 
-SCHEMA_VERSION = 2  # the newest this code reads and writes
-SCHEMA_VERSIONS = (1, 2)  # every version this code reads
+SCHEMA_VERSION = 3  # the newest this code reads and writes
+SCHEMA_VERSIONS = (1, 2, 3)  # every version this code reads
 MANIFEST_FILE = "manifest.json"
 
 # Files every bundle holds, by role.
@@ -43,7 +57,7 @@ INFERENCE_MODEL = "inference.onnx"
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER = "tokenizer.json"
 
-LOSSES = ("cross_entropy", "mse", "bce", "custom")
+LOSSES = ("cross_entropy", "mse", "bce", "custom", "next_token")  # next_token: causal LMs only
 OPTIMIZERS = ("adamw", "sgd")
 QUANTIZATIONS = ("int8", "fp32")
 DTYPES = ("float32", "int64", "int32", "bool")
@@ -155,6 +169,43 @@ class ImagePreprocessing:
         return (self.channels, *self.size)
 
 
+CAUSAL_LM = "causal_lm"
+GENERATION_MODEL = "generation.onnx"
+
+
+def _token_id(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+@dataclass(frozen=True)
+class CausalLMTask:
+    """A causal language model's text contract (schema version 3): tokenizer, chat template, special ids."""
+
+    max_length: int
+    tokenizer: str = TOKENIZER
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    generation_model: str | None = GENERATION_MODEL
+    kind: str = CAUSAL_LM
+
+    def __post_init__(self) -> None:
+        if self.kind != CAUSAL_LM:
+            raise BundleError(f"manifest task kind {self.kind!r} is not known (this edgepeft: {CAUSAL_LM!r})")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length <= 1:
+            raise BundleError(f"manifest task max_length {self.max_length!r} is not an integer above 1")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if not _token_id(getattr(self, name)):
+                raise BundleError(f"manifest task {name} {getattr(self, name)!r} is not a token id or null")
+        if self.pad_token_id is None:
+            raise BundleError("manifest task pad_token_id is null: a causal LM bundle needs a padding id")
+        for name in ("tokenizer", "generation_model", "chat_template"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise BundleError(f"manifest task {name} must be a string or null")
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the device needs to know about a bundle, stored as `manifest.json`."""
@@ -175,10 +226,11 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     preprocessing: ImagePreprocessing | None = None  # how raw inputs become `inputs` (schema version 2)
+    task: CausalLMTask | None = None  # a causal LM's text contract (schema version 3); None: a classifier/regressor
     schema_version: int | None = None  # None: the lowest version that holds this manifest
 
     def __post_init__(self) -> None:
-        needed = 2 if self.preprocessing is not None else 1
+        needed = 3 if self.task is not None else 2 if self.preprocessing is not None else 1
         if self.schema_version is None:
             object.__setattr__(self, "schema_version", needed)
         if isinstance(self.schema_version, bool) or self.schema_version not in SCHEMA_VERSIONS:
@@ -187,7 +239,18 @@ class Manifest:
                 f"{', '.join(map(str, SCHEMA_VERSIONS))}; a newer edgepeft may read it)"
             )
         if self.schema_version < needed:
-            raise BundleError(f"manifest schema version {self.schema_version} has no `preprocessing` field")
+            field_name = "task" if self.task is not None else "preprocessing"
+            raise BundleError(f"manifest schema version {self.schema_version} has no `{field_name}` field")
+        if self.task is not None:
+            if not isinstance(self.task, CausalLMTask):
+                raise BundleError("manifest task is malformed")
+            if self.loss != "next_token" or self.task.tokenizer not in self.files:
+                raise BundleError(f"manifest task {self.task.kind}: the loss must be next_token (is {self.loss!r}) "
+                                  f"and {self.task.tokenizer} must be a bundle file")  # fmt: skip
+            if self.task.generation_model is not None and self.task.generation_model not in self.files:
+                raise BundleError(f"manifest task generation_model {self.task.generation_model} is not a bundle file")
+        elif self.loss == "next_token":
+            raise BundleError("manifest loss next_token needs a causal_lm `task`")
         if self.preprocessing is not None:
             if not isinstance(self.preprocessing, ImagePreprocessing):
                 raise BundleError("manifest preprocessing is malformed")
@@ -241,8 +304,9 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["preprocessing"] is None:  # a version-1 manifest, as version-1 runtimes wrote and read it
-            del data["preprocessing"]
+        for name in ("preprocessing", "task"):  # absent, as the runtimes of the versions before them wrote it
+            if data[name] is None:
+                del data[name]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -270,6 +334,7 @@ class Manifest:
                 versions=dict(data.get("versions", {})),
                 stats=dict(data.get("stats", {})),
                 preprocessing=_preprocessing(data.get("preprocessing")),
+                task=_task(data.get("task")),
                 schema_version=data.get("schema_version", -1),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
@@ -292,3 +357,13 @@ def _preprocessing(data: object) -> ImagePreprocessing | None:
     if data.get("kind") != "image":
         raise BundleError(f"manifest preprocessing kind {data.get('kind')!r} is not known (this edgepeft: 'image')")
     return ImagePreprocessing(**data)
+
+
+def _task(data: object) -> CausalLMTask | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise BundleError("manifest task is not an object")
+    if data.get("kind") != CAUSAL_LM:
+        raise BundleError(f"manifest task kind {data.get('kind')!r} is not known (this edgepeft: {CAUSAL_LM!r})")
+    return CausalLMTask(**data)

@@ -34,9 +34,15 @@ def evaluate(
     check_report(report)
     session = open_session(bundle, adapter, state)
     result = session.evaluate(read_data(session, data, "--data", text_column, label_column))
-    write_report(report, {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples})
+    figures = {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples}
+    if result.perplexity is not None:  # a causal LM
+        figures.update(perplexity=result.perplexity, tokens=result.tokens)
+    write_report(report, figures)
     accuracy = f", accuracy {result.accuracy:.1%}" if result.accuracy is not None else ""
-    click.echo(f"{result.examples} examples: loss {result.loss:.4f}{accuracy}")
+    perplexity = ""
+    if result.perplexity is not None:
+        perplexity = f", perplexity {result.perplexity:.3f} ({result.tokens} tokens)"
+    click.echo(f"{result.examples} examples: loss {result.loss:.4f}{accuracy}{perplexity}")
 
 
 @click.command(cls=Command)

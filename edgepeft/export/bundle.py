@@ -25,6 +25,7 @@ from torch import nn
 import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
+from edgepeft.export import causal_lm
 from edgepeft.export.diagnose import training_graph_error
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
@@ -95,14 +96,23 @@ def export(
         raise ExportError(f"`head_on` ({options.head_on!r}) is for ONNX models; a torch model has its own head")
     if (options.loss == "custom") != (loss_fn is not None):
         raise ExportError("pass `loss_fn` exactly when options.loss is 'custom'")
-    loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
+    causal = causal_lm.is_causal_lm_dir(model)
+    if causal != (options.loss == "next_token") and not (causal and options.loss == "cross_entropy"):
+        raise ExportError(f"loss {options.loss!r}: a causal LM trains on the next-token loss (`next_token`), "
+                          "and only a causal LM does")  # fmt: skip
+    if causal:
+        loss_module = causal_lm.NextTokenLoss()
+    else:
+        loss_module = loss_fn if loss_fn is not None else _BUILTIN_LOSSES[options.loss]()
     with atomic_directory(output_dir, BUNDLE, overwrite=overwrite) as out, tempfile.TemporaryDirectory() as tmp:
         with torch.random.fork_rng():  # seeded init of the head and lora_A, leaving the caller's RNG alone
             torch.manual_seed(options.seed)
             traced = _trace(model, example_inputs, lora, options, Path(tmp), out)
         module, forward = traced.adapted.module, traced.graph
         trainable = list(traced.adapted.adapter_keys)
-        if example_labels is None:
+        if traced.task is not None:
+            example_labels = causal_lm.example_labels(traced.example_inputs)
+        elif example_labels is None:
             example_labels = _default_labels(options.loss, traced.example_output)
 
         fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in trainable])
@@ -114,8 +124,12 @@ def export(
         int8_compute = bool(quantized) and options.int8_compute
         _save(forward, out / mf.INFERENCE_MODEL, int8_compute, inference=True)
 
-        full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset)
+        axes = causal_lm.SEQUENCE_AXES if traced.task is not None else None
+        full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset, axes)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out, module)
+        if traced.task is not None:  # the KV-cache graph generation runs, the same int8 weights
+            generation = causal_lm.export_generation_graph(module, trainable, quantized, options.opset, Path(tmp))
+            _save(generation, out / mf.GENERATION_MODEL, int8_compute, inference=True)
         # int8 arithmetic where it pays, the training step; evaluation and prediction multiply the exact
         # dequantized weights, so a device's predictions match the host's (99% against 95% of MiniLM's).
         training = onnx.load(str(out / mf.TRAINING_MODEL))
@@ -128,8 +142,8 @@ def export(
         manifest = mf.Manifest(
             inputs=tuple(_spec(v) for v in forward.graph.input if v.name not in held),
             outputs=tuple(_spec(v) for v in forward.graph.output),
-            label=_label_spec(example_labels),
-            loss=options.loss,
+            label=_label_spec(example_labels, sequence=traced.task is not None),
+            loss="next_token" if traced.task is not None else options.loss,
             optimizer=options.optimizer,
             quantization=options.quantization,
             trainable=tuple(
@@ -142,6 +156,7 @@ def export(
             labels=traced.labels,
             base_names=traced.base_names,
             preprocessing=traced.preprocessing,
+            task=mf.CausalLMTask(**traced.task) if traced.task is not None else None,
             max_length=options.max_length if (out / mf.TOKENIZER).exists() else None,
             versions=_versions(),
             stats={
@@ -167,6 +182,8 @@ class _Traced:
     labels: tuple[str, ...]
     base_names: tuple[str, ...]  # what the base model is called: its hub name, its directory's name
     preprocessing: mf.ImagePreprocessing | None = None  # how an image becomes the model's input
+    task: dict | None = None  # a causal LM's manifest task record
+    example_inputs: dict[str, torch.Tensor] | None = None
 
 
 def _trace(
@@ -192,6 +209,16 @@ def _trace(
         labels = options.labels
         base_names = (options.base_name,) if options.base_name else ()
         preprocessing = None
+    elif causal_lm.is_causal_lm_dir(model):
+        adapted, example_inputs, task = causal_lm.load_causal_lm(Path(model), lora, options, out)
+        graph = export_transformers(adapted.module, causal_lm.TRAIN_TASK, work / "forward.onnx",
+                                    list(adapted.adapter_keys), options.opset)  # fmt: skip
+        with torch.no_grad():
+            output = adapted.module(**example_inputs).logits
+        adapted.peft_config["base_model_name_or_path"] = (_base_names(Path(model), options.base_name) or (None,))[0]
+        adapted.peft_config["inference_mode"] = True
+        base_names = _base_names(Path(model), options.base_name)
+        return _Traced(adapted, graph, output, (), base_names, None, task, example_inputs)
     else:
         adapted, labels, example_inputs, kind = _load_transformers(Path(model), lora, options, out)
         base_names = _base_names(Path(model), options.base_name)
@@ -405,9 +432,9 @@ def _spec(value: onnx.ValueInfoProto) -> mf.TensorSpec:
     return mf.TensorSpec(value.name, dtype, shape)
 
 
-def _label_spec(labels: torch.Tensor) -> mf.TensorSpec:
+def _label_spec(labels: torch.Tensor, sequence: bool = False) -> mf.TensorSpec:
     dtype = str(labels.dtype).removeprefix("torch.")
-    shape = ("batch", *labels.shape[1:])
+    shape = ("batch_size", "sequence_length") if sequence else ("batch", *labels.shape[1:])
     return mf.TensorSpec(LABELS_INPUT, dtype, shape)
 
 

@@ -53,8 +53,12 @@ def export_module(
     return _export(module, run_export, path, trainable, rerun=lambda: module(*example_inputs.values()))
 
 
-def export_transformers(module: nn.Module, task: str, path: Path, trainable: list[str], opset: int) -> onnx.ModelProto:
-    """Export a transformers model through optimum's exporter (its input names and dynamic axes)."""
+def export_transformers(
+    module: nn.Module, task: str, path: Path, trainable: list[str], opset: int, **config_options: object
+) -> onnx.ModelProto:
+    """Export a transformers model through optimum's exporter (its input names and dynamic axes).
+
+    `config_options` go to optimum's ONNX config (`use_past_in_inputs=True`: a KV-cache graph)."""
     from optimum.exporters.onnx.convert import export_pytorch
     from optimum.exporters.tasks import TasksManager
 
@@ -64,7 +68,7 @@ def export_transformers(module: nn.Module, task: str, path: Path, trainable: lis
         )
     except (KeyError, ValueError) as e:
         raise ExportError(f"optimum cannot export {type(module).__name__} for task {task!r}: {e}") from None
-    onnx_config = constructor(module.config)
+    onnx_config = constructor(module.config, **config_options)
     return _export(
         module,
         lambda: export_pytorch(module, onnx_config, opset, path, do_constant_folding=False),
@@ -391,8 +395,12 @@ def attach_loss(
     example_labels: torch.Tensor,
     work_dir: Path,
     opset: int,
+    dynamic_axes: dict[int, str] | None = None,
 ) -> onnx.ModelProto:
-    """Trace `loss_fn(output, labels)` and join it to `forward`: outputs become (loss, model output)."""
+    """Trace `loss_fn(output, labels)` and join it to `forward`: outputs become (loss, model output).
+
+    `dynamic_axes` are the output's and the labels' dynamic axes (default: the batch, axis 0)."""
+    axes = dynamic_axes or {0: "batch"}
     output_name = forward.graph.output[0].name
     path = work_dir / "loss.onnx"
     try:
@@ -404,7 +412,7 @@ def attach_loss(
                 str(path),
                 input_names=["loss_input", LABELS_INPUT],
                 output_names=[LOSS_OUTPUT],
-                dynamic_axes={"loss_input": {0: "batch"}, LABELS_INPUT: {0: "batch"}},
+                dynamic_axes={"loss_input": dict(axes), LABELS_INPUT: dict(axes)},
                 opset_version=opset,
                 do_constant_folding=False,
                 dynamo=False,

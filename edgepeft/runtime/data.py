@@ -263,4 +263,7 @@ def trim_padding(batch: Dataset) -> Dataset:
     features = {
         k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.features.items()
     }
-    return Dataset(features, batch.labels)
+    labels = batch.labels  # per-token labels (a causal LM's) are trimmed with the inputs
+    if labels is not None and labels.shape == mask.shape:
+        labels = labels[:, :length]
+    return Dataset(features, labels)

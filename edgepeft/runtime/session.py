@@ -29,6 +29,7 @@ from edgepeft.runtime.data import (
 )
 from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
 from edgepeft.runtime.ort import onnxruntime_module, training_api
+from edgepeft.runtime.tasks import task_data
 from edgepeft.runtime.train_config import TrainConfig, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,13 @@ class TrainReport:
 
 @dataclass
 class EvalReport:
+    """Mean loss (a causal LM: per scored token), accuracy for a classifier, perplexity for a causal LM."""
+
     loss: float
     accuracy: float | None
     examples: int
+    perplexity: float | None = None
+    tokens: int | None = None  # a causal LM: how many tokens were scored
 
 
 @dataclass
@@ -99,6 +104,8 @@ class TrainingSession:
         self._threads = threads
         self._input_names = [spec.name for spec in self.manifest.inputs]
         self._encoder = None
+        self._task = task_data(self.bundle)  # a causal LM's data and scoring; None for a classifier or regressor
+        self._generator = None
         self._optimizer_fresh = True  # no optimizer step taken on the current state: its moments are zero
         self._optimizer_stale = False  # its moments belong to values swapped out: reset before training
         if state is not None:
@@ -192,6 +199,8 @@ class TrainingSession:
         (see `runtime.data.read_examples` for the layouts). A file that does not fit raises a DataError that
         says what the bundle takes.
         """
+        if self._task is not None:  # a causal LM: plain text, JSONL text or chat (runtime/tasks/causal_lm.py)
+            return self._task.load(path, text_column=text_column)
         features, labels = read_examples(
             self.bundle, path, self.encode, text_column=text_column, label_column=label_column, labels=True
         )
@@ -412,6 +421,8 @@ class TrainingSession:
         if data.labels is None or len(data) == 0:
             raise InputError("evaluation data is empty or has no labels")
         self._module.eval()
+        if self._task is not None:
+            return self._evaluate_tokens(data, batch_size)
         loss_sum, correct, seen = 0.0, 0, 0
         for batch in batches(data, batch_size):
             loss, outputs = self._module(*self._feeds(batch))[:2]
@@ -426,8 +437,47 @@ class TrainingSession:
         accuracy = correct / seen if seen else None
         return EvalReport(loss_sum / len(data), accuracy, len(data))
 
+    def _evaluate_tokens(self, data: Dataset, batch_size: int) -> EvalReport:
+        """A causal LM's mean loss over every scored token, and its perplexity."""
+        from edgepeft.runtime.tasks.causal_lm import perplexity, scored_tokens
+
+        loss_sum, tokens = 0.0, 0
+        for batch in batches(data, batch_size):
+            count = scored_tokens(batch.labels)
+            if count:  # a batch with no scored token has no loss (0 / 0)
+                loss_sum += float(self._module(*self._feeds(batch))[0]) * count
+                tokens += count
+        self._module.train()
+        return EvalReport(loss_sum / max(tokens, 1), None, len(data), perplexity(loss_sum, tokens), tokens)
+
+    def generate(
+        self,
+        prompt: str | list[dict],
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ):
+        """Continue `prompt` (a text, or chat messages rendered with the bundle's chat template) with the current
+        adapter; stops at eos. `temperature` 0 is greedy. Returns a `Generation` (text, token ids, timings)."""
+        if self._task is None:
+            raise InputError(f"bundle {self.bundle.path} is not a causal language model: it cannot generate")
+        if self._generator is None:
+            from edgepeft.runtime.generation import Generator
+
+            self._generator = Generator(self.bundle, self._task, threads=self._threads)
+        return self._generator.generate(
+            prompt, self.trainable_values(), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, use_cache=use_cache,
+        )  # fmt: skip
+
     def predict(self, features: dict[str, np.ndarray] | list[str], batch_size: int = 8) -> Prediction:
         """Run the model on arrays (or texts, for a bundle with a tokenizer)."""
+        if self._task is not None:
+            raise InputError("a causal language model predicts with `generate`, not `predict`")
         if isinstance(features, (list, tuple)):
             features = self.encode(list(features))
         data = self.dataset(features)

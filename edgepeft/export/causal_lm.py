@@ -1,0 +1,143 @@
+"""Causal language models (Llama, GPT-2, ...): loading with LoRA, the next-token loss, the KV-cache graph.
+
+`bundle.export` compiles a causal LM directory with the classifier machinery (trace, quantize, artifacts);
+this module holds what differs: the model is loaded as `AutoModelForCausalLM`, the loss shifts the labels, the
+tokenizer is saved untruncated (the device chunks text into blocks itself), and a second inference graph with
+past key/values (`generation.onnx`) lets the device generate one position per new token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from edgepeft import manifest as mf
+from edgepeft.errors import ExportError
+from edgepeft.export.graph import export_transformers
+from edgepeft.export.lora import Adapted, add_lora
+from edgepeft.export.quantize import quantize_initializers_
+from edgepeft.export.spec import ExportOptions, LoraSpec
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TRAIN_TASK, GENERATION_TASK = "text-generation", "text-generation-with-past"  # optimum's task names
+SEQUENCE_AXES = {0: "batch_size", 1: "sequence_length"}  # optimum's names, as the inputs have them
+# LoRA targets when the caller names none, by model_type
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+class NextTokenLoss(nn.Module):
+    """Mean cross-entropy of predicting token t + 1 at position t; labels of -100 are not scored."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = logits[:, :-1, :]
+        targets = labels[:, 1:]
+        return nn.functional.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+
+def is_causal_lm_dir(source: object) -> bool:
+    """Whether `source` is a transformers directory whose config names a causal LM architecture."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures or [])
+
+
+def load_causal_lm(source: Path, lora: LoraSpec, options: ExportOptions, out: Path) -> tuple[Adapted, dict, str]:
+    """Load the causal LM offline, add LoRA, write its tokenizer into `out`.
+
+    Returns the adapted model, example inputs (optimum's input names) and the manifest's task record as a dict.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model_type = str(getattr(model.config, "model_type", ""))
+    if lora.target_modules is None:
+        if model_type not in DEFAULT_TARGETS:
+            raise ExportError(f"{source}: no default LoRA targets for model_type {model_type!r}: name target_modules")
+        lora = dataclasses.replace(lora, target_modules=DEFAULT_TARGETS[model_type])
+        logger.info("LoRA on %s (the default for %s)", lora.target_modules, model_type)
+    tokenizer = _save_tokenizer(source, out)
+    task = _task(tokenizer, model.config, options.max_length)
+    adapted = add_lora(model, lora, task_type="CAUSAL_LM")
+    encoded = tokenizer(["the cat sat on a mat", "hello"], padding=True, return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    example = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    return adapted, example, task
+
+
+def example_labels(example: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labels for tracing the loss: the input ids, padding ignored."""
+    return example["input_ids"].masked_fill(example["attention_mask"] == 0, IGNORE_INDEX)
+
+
+def _save_tokenizer(source: Path, out: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
+    if tokenizer.pad_token_id is None:  # GPT-2 and Llama tokenizers often have none: pad with eos (masked anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    backend.save(str(out / mf.TOKENIZER))
+    return tokenizer
+
+
+def _task(tokenizer, config, max_length: int) -> dict:
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and max_length > positions:
+        raise ExportError(f"max_length {max_length} exceeds the model's {positions} positions")
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if tokenizer.pad_token_id is None:
+        raise ExportError("the tokenizer has neither a pad nor an eos token: the device cannot pad batches")
+    return {
+        "max_length": max_length,
+        "chat_template": template,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def export_generation_graph(
+    module: nn.Module, trainable: list[str], quantized: list[str], opset: int, work: Path
+) -> onnx.ModelProto:
+    """The KV-cache inference graph: the same int8 weights, the trainable tensors as overridable inputs.
+
+    Each trainable initializer is also listed as a graph input (ONNX's default-valued input), so a session feeds
+    the current adapter on every run without the file being rewritten; the initializers hold the exported values.
+    """
+    graph = export_transformers(
+        module, GENERATION_TASK, work / "generation.onnx", trainable, opset, use_past_in_inputs=True
+    )
+    held = {i.name for i in graph.graph.initializer}
+    missing = [n for n in trainable if n not in held]
+    if missing:
+        raise ExportError(f"the generation graph does not hold the trainable tensors {missing[:3]}")
+    quantize_initializers_(graph, [n for n in quantized if n in held])
+    initializers = {i.name: i for i in graph.graph.initializer}
+    for name in trainable:
+        tensor = initializers[name]
+        graph.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return graph

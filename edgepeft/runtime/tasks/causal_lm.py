@@ -1,0 +1,196 @@
+"""A causal language model's data on the device: read text, tokenize, block and batch it, score perplexity.
+
+Three file layouts (the bundle's tokenizer and chat template, no torch):
+  - plain text (`.txt`, `.md`): the whole file is one document, tokenized once, eos appended, cut into blocks of
+    the bundle's `max_length` tokens (the last, shorter block kept, padded);
+  - JSONL of `{"text": ...}`: one example per line, eos appended, truncated at `max_length`;
+  - JSONL of `{"messages": [{"role": ..., "content": ...}, ...]}`: rendered with the bundle's chat template; the
+    loss is taken on the assistant turns only (their content and end-of-turn tokens), -100 everywhere else.
+Labels are the token ids themselves (the graph shifts them), -100 on padding and on unscored tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import BundleError, DataError
+from edgepeft.manifest import CausalLMTask
+from edgepeft.runtime.bundle import Bundle
+from edgepeft.runtime.data import Dataset
+from edgepeft.runtime.files import MAX_DATA_BYTES, _read_utf8, read_records
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+class CausalLMData:
+    """Reads, tokenizes and batches text for one causal LM bundle, and scores perplexity."""
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+
+        task = bundle.manifest.task
+        if task is None:
+            raise BundleError(f"bundle {bundle.path} is not a causal language model")
+        self.task: CausalLMTask = task
+        self.inputs = [spec.name for spec in bundle.manifest.inputs]
+        try:
+            self.tokenizer = Tokenizer.from_file(str(bundle.file(task.tokenizer)))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise BundleError(f"bundle {task.tokenizer} cannot be read: {e}") from None
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self._template = None
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def load(self, path: str | os.PathLike, text_column: str | None = None) -> Dataset:
+        """Read a plain-text or JSONL file into padded examples with labels."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            return self.pad(self.blocks(self.encode_text(_read_text(path))))
+        if suffix not in JSONL_SUFFIXES:
+            layouts = f"plain text ({', '.join(TEXT_SUFFIXES)}) or JSONL of {{\"text\"}} or {{\"messages\"}} (.jsonl)"
+            raise DataError(f"{path}: a language model reads {layouts}, not {suffix or 'no suffix'}")
+        column = text_column or "text"
+        records = read_records(path, expect=f"a `{column}` or a `messages` field")
+        examples = []
+        for row, line in zip(records.rows, records.lines):
+            if "messages" in row and column not in row:
+                ids, labels = self.encode_chat(row["messages"], f"{path} line {line}")
+            else:
+                text = row.get(column)
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"{path} line {line}: `{column}` must be a non-empty string (or give `messages`)")
+                ids = self.encode_text(text)
+                labels = list(ids)
+            examples.append((ids[: self.task.max_length], labels[: self.task.max_length]))
+        return self.pad(examples)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a document, with the tokenizer's own specials (bos) and eos appended."""
+        ids = list(self.tokenizer.encode(text).ids)
+        eos = self.task.eos_token_id
+        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+    def blocks(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
+        """Cut one long token sequence into blocks of `max_length`; a last block of one token is dropped."""
+        size = self.task.max_length
+        cut = [ids[start : start + size] for start in range(0, len(ids), size)]
+        cut = [block for block in cut if len(block) > 1]
+        if not cut:
+            raise DataError("the text holds fewer than 2 tokens: nothing to learn from")
+        return [(block, list(block)) for block in cut]
+
+    def encode_chat(self, messages: object, where: str) -> tuple[list[int], list[int]]:
+        """Render a conversation with the chat template; labels score the assistant turns only."""
+        _check_messages(messages, where)
+        template = self._chat_template(where)
+        text = template.render(messages=messages, add_generation_prompt=False)
+        scored: list[tuple[int, int]] = []  # character spans of the assistant turns
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(template.render(messages=messages[:i], add_generation_prompt=True))
+            end = len(template.render(messages=messages[: i + 1], add_generation_prompt=False))
+            prefix = template.render(messages=messages[: i + 1], add_generation_prompt=False)
+            if not text.startswith(prefix) or start > end:
+                raise DataError(f"{where}: the bundle's chat template does not render the conversation turn by "
+                                "turn (a prefix changes), so the assistant turns cannot be told apart")  # fmt: skip
+            scored.append((start, end))
+        if not scored:
+            raise DataError(f"{where}: the conversation has no assistant message to learn from")
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(encoding.ids)
+        labels = [
+            token if any(start <= a and b <= end and b > a for start, end in scored) else IGNORE
+            for token, (a, b) in zip(ids, encoding.offsets)
+        ]
+        return ids, labels
+
+    def _chat_template(self, where: str):
+        if self._template is None:
+            if not self.task.chat_template:
+                raise DataError(f"{where}: chat messages, but the bundle has no chat template")
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # transformers' settings
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.task.chat_template)
+        return self._template
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """A conversation rendered for the assistant's next turn (generation)."""
+        _check_messages(messages, "prompt messages")
+        return self._chat_template("prompt messages").render(messages=messages, add_generation_prompt=True)
+
+    # ---- batching and scoring ----------------------------------------------------------------------
+
+    def pad(self, examples: list[tuple[list[int], list[int]]]) -> Dataset:
+        """Right-pad examples to the longest; labels -100 on padding; positions count real tokens."""
+        scored = [(ids, targets) for ids, targets in examples if any(t != IGNORE for t in targets[1:])]
+        if len(scored) < len(examples):  # a batch of them alone would have no loss (0 / 0)
+            logger.warning("%d examples have no scored token (after truncation): left out", len(examples) - len(scored))
+        if not scored:
+            raise DataError("no token of the data is scored (every label is -100): nothing to learn from")
+        examples = scored
+        length = max(len(ids) for ids, _ in examples)
+        rows = len(examples)
+        ids = np.full((rows, length), self.task.pad_token_id, dtype=np.int64)
+        mask = np.zeros((rows, length), dtype=np.int64)
+        labels = np.full((rows, length), IGNORE, dtype=np.int64)
+        for row, (tokens, targets) in enumerate(examples):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+            labels[row, : len(targets)] = targets
+        features = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+        return Dataset({name: features[name] for name in self.inputs}, labels)
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids of right- or left-padded rows: 0 at the first real token (padding at 0 too)."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+def scored_tokens(labels: np.ndarray) -> int:
+    """How many tokens a batch's loss averages over: labels after the shift that are not -100."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def perplexity(loss_sum: float, tokens: int) -> float:
+    """exp of the mean token loss (`loss_sum` is the sum over batches of mean loss x scored tokens)."""
+    return math.exp(loss_sum / tokens) if tokens else float("nan")
+
+
+def _check_messages(messages: object, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
+            message.get("content"), str
+        ):
+            raise DataError(f"{where}: message {i + 1} must be an object with string `role` and `content`")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if path.stat().st_size > MAX_DATA_BYTES:
+        raise DataError(f"data file {path} is larger than {MAX_DATA_BYTES >> 20} MiB: split it")
+    text = _read_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path} is empty: it holds no text")
+    return text

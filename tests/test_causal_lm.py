@@ -1,0 +1,296 @@
+"""Causal language models end to end on tiny Llama and GPT-2 configs: export, device data, loss, perplexity,
+KV-cache generation, PEFT adapters both ways (issue 12). Host references come from transformers + PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tiny_lm
+import torch
+
+from edgepeft import manifest as mf
+from edgepeft.errors import BundleError, DataError, InputError
+from edgepeft.export import ExportOptions, LoraSpec, export
+from edgepeft.runtime import TrainConfig, TrainingSession
+from edgepeft.runtime.tasks.causal_lm import IGNORE
+
+TEXT = "the cat sat on a mat . she said hello world to the dog and he was very happy to see her again . " * 12
+CHAT = [
+    {"role": "system", "content": "good day"},
+    {"role": "user", "content": "what is your name"},
+    {"role": "assistant", "content": "i am fine thank you"},
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "good day to you"},
+]
+TARGETS = {"llama": tiny_lm.LLAMA_TARGETS, "gpt2": tiny_lm.GPT2_TARGETS}
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """family -> (model dir, int8 bundle, fp32 bundle), exported once."""
+    made = {}
+    for family in tiny_lm.FAMILIES:
+        root = tmp_path_factory.mktemp(family)
+        source = tiny_lm.make_dir(family, root / "model")
+        bundles = []
+        for quantization in ("int8", "fp32"):
+            out = root / quantization
+            export(source, out, lora=LoraSpec(r=4, target_modules=TARGETS[family]),
+                   options=ExportOptions(max_length=32, quantization=quantization))  # fmt: skip
+            bundles.append(out)
+        made[family] = (source, *bundles)
+    return made
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "novel.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def _host_model(source: Path, adapter: Path | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def _host_loss(model, data) -> tuple[float, int]:
+    """transformers' own shifted, -100-ignoring loss on the device's batch, and its token count."""
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(data.features["input_ids"]),
+                    attention_mask=torch.from_numpy(data.features["attention_mask"]),
+                    labels=torch.from_numpy(data.labels))  # fmt: skip
+    return float(out.loss), int((data.labels[:, 1:] != IGNORE).sum())
+
+
+def _random_adapter(session: TrainingSession, scale: float = 0.3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {name: (rng.standard_normal(v.shape) * scale).astype(np.float32)
+            for name, v in session.trainable_values().items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_manifest_records_the_lm_task(lm, family):
+    manifest = mf.Manifest.load(lm[family][1])
+    assert manifest.schema_version == 3 and manifest.loss == "next_token" and not manifest.is_classifier
+    task = manifest.task
+    assert (task.bos_token_id, task.eos_token_id, task.pad_token_id, task.max_length) == (2, 3, 0, 32)
+    assert task.chat_template == tiny_lm.CHAT_TEMPLATE and mf.GENERATION_MODEL in manifest.files
+    assert manifest.label == mf.TensorSpec("labels", "int64", ("batch_size", "sequence_length"))
+    assert mf.Manifest.from_dict(json.loads(manifest.to_json())) == manifest
+    with pytest.raises(BundleError, match="schema version 2 has no `task`"):
+        mf.Manifest.from_dict({**json.loads(manifest.to_json()), "schema_version": 2})
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
+    """Every frozen matrix (GPT-2's Conv1D too) is int8; the tied lm_head reads the embedding's one int8 copy."""
+    bundle = lm[family][1]
+    vocab, hidden = tiny_lm.VOCAB, 32
+    for name in (mf.TRAINING_MODEL, mf.GENERATION_MODEL):  # training: the frozen tensors are graph inputs
+        graph = onnx.load(str(bundle / name)).graph
+        tensors = [(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
+        tensors += [(v.name, v.type.tensor_type.elem_type, [d.dim_value for d in v.type.tensor_type.shape.dim])
+                    for v in graph.input]  # fmt: skip
+        fp32_matrices = [n for n, t, dims in tensors if t == onnx.TensorProto.FLOAT and len(dims) == 2 and "lora_" not in n]
+        assert fp32_matrices == [], (name, fp32_matrices)
+        tables = [n for n, t, dims in tensors if dims == [vocab, hidden] and any(k in n for k in ("embed", "wte", "lm_head"))]
+        assert len(tables) == 1 and tables[0].endswith(".int8") and "lm_head" not in tables[0], tables
+    stats = mf.Manifest.load(bundle).stats
+    assert stats["quantized_weights"] == {"llama": 2 * 7 + 1, "gpt2": 2 * 4 + 2}[family]
+    if family == "llama":  # every Linear multiplies int8 weights: no fp32 copy of a frozen weight in training
+        ops = [n.op_type for n in onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node]
+        assert "DequantizeLinear" not in ops
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_device_loss_is_transformers_shifted_loss(lm, family, text_file, tmp_path):
+    """fp32 bundle: the device's loss on padded text and on chat (prompt tokens -100) is transformers' own."""
+    source, _, fp32 = lm[family]
+    session, host = TrainingSession(fp32), _host_model(source)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:3]}) + "\n")
+    for path in (text_file, chat):
+        data = session.load_data(path)
+        report = session.evaluate(data, batch_size=len(data))
+        loss, tokens = _host_loss(host, data)
+        assert report.tokens == tokens and report.loss == pytest.approx(loss, abs=1e-4)
+        assert report.perplexity == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_text_is_cut_into_blocks_and_jsonl_texts_are_examples(lm, text_file, tmp_path):
+    source, bundle, _ = lm["llama"]
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(source)(TEXT)["input_ids"] + [3]  # bos ... eos
+    data = TrainingSession(bundle).load_data(text_file)
+    ids, mask = data.features["input_ids"], data.features["attention_mask"].astype(bool)
+    assert ids.shape[1] == 32 and list(ids[mask]) == expected
+    assert np.array_equal(data.labels[mask], ids[mask]) and (data.labels[~mask] == IGNORE).all()
+    assert np.array_equal(data.features["position_ids"][0], np.arange(32))
+    lines = tmp_path / "texts.jsonl"
+    lines.write_text('{"text": "hello world"}\n{"text": "the cat sat on a mat"}\n')
+    texts = TrainingSession(bundle).load_data(lines)
+    assert texts.features["input_ids"].tolist() == [[2, 14, 15, 3, 0, 0, 0, 0], [2, 6, 7, 8, 9, 10, 11, 3]]
+    assert texts.labels[0].tolist() == [2, 14, 15, 3, IGNORE, IGNORE, IGNORE, IGNORE]
+    session = TrainingSession(bundle)  # a batch of the short row alone is trimmed: its labels with its inputs
+    report = session.train(texts, TrainConfig(epochs=1, batch_size=1, shuffle=False))
+    assert report.steps == 2 and report.stopped == "complete"
+
+
+def test_chat_loss_is_on_assistant_turns_only(lm, tmp_path):
+    """Labels are -100 on system and user turns and the assistant header; the assistant's words and end token score."""
+    source, bundle, _ = lm["llama"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    data = TrainingSession(bundle).load_data(path)
+    full = tokenizer.apply_chat_template(CHAT, tokenize=True)
+    expected = [IGNORE] * len(full)
+    for i, message in enumerate(CHAT):
+        if message["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(CHAT[:i], tokenize=True, add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(CHAT[: i + 1], tokenize=True))
+            expected[start:end] = full[start:end]
+    assert data.features["input_ids"][0].tolist() == full
+    assert data.labels[0].tolist() == expected
+    scored = tokenizer.convert_ids_to_tokens([t for t in expected if t != IGNORE])
+    assert scored == "i am fine thank you <|im_end|> good day to you <|im_end|>".split()
+    no_assistant = tmp_path / "user.jsonl"
+    no_assistant.write_text(json.dumps({"messages": CHAT[:2]}) + "\n")
+    with pytest.raises(DataError, match="line 1: the conversation has no assistant message"):
+        TrainingSession(bundle).load_data(no_assistant)
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_greedy_generation_with_cache_is_without_cache_and_transformers(lm, family):
+    """One position per new token gives the tokens the whole prefix gives, and transformers' generate (fp32)."""
+    source, int8, fp32 = lm[family]
+    for bundle in (int8, fp32):
+        session = TrainingSession(bundle)
+        session.set_trainable(_random_adapter(session))
+        cached = session.generate("the cat sat", 16)
+        assert cached.token_ids == session.generate("the cat sat", 16, use_cache=False).token_ids
+    adapter = session.save_adapter(Path(fp32).parent / "adapter")
+    host = _host_model(source, adapter)
+    prompt = torch.tensor([session._task.tokenizer.encode("the cat sat").ids])
+    with torch.no_grad():
+        expected = host.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert cached.token_ids == expected[0, prompt.shape[1] :].tolist()
+
+
+def test_generation_uses_the_current_adapter_and_samples_reproducibly(lm):
+    session = TrainingSession(lm["llama"][1])
+    base = session.generate("hello", 12).token_ids
+    session.set_trainable(_random_adapter(session, scale=1.0))
+    assert session.generate("hello", 12).token_ids != base
+    one = session.generate("hello", 12, temperature=1.0, top_k=8, top_p=0.9, seed=3)
+    assert one.token_ids == session.generate("hello", 12, temperature=1.0, top_k=8, top_p=0.9, seed=3).token_ids
+    assert session.generate("hello", 12, temperature=1.0, top_k=1, seed=5).token_ids == session.generate("hello", 12).token_ids
+    chat = session.generate([{"role": "user", "content": "hello"}], 4)
+    assert chat.prompt_tokens == len("<|im_start|> user hello <|im_end|> <|im_start|> assistant".split())
+    with pytest.raises(InputError, match="top_p"):
+        session.generate("hello", 4, temperature=1.0, top_p=0.0)
+
+
+def test_generation_stops_at_eos(lm):
+    """Generation ends on the bundle's eos id (here a token greedy decoding reaches), which is not in the text."""
+    import dataclasses
+
+    session = TrainingSession(lm["llama"][1])
+    session.set_trainable(_random_adapter(session))
+    greedy = session.generate("hello", 12)
+    assert greedy.stopped == "max_new_tokens" and len(greedy.token_ids) == 12
+    stop = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop)
+    session._task.task = dataclasses.replace(session._task.task, eos_token_id=stop)  # as a bundle with that eos
+    result = session.generate("hello", 12)
+    assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
+    assert result.text == session._task.tokenizer.decode(greedy.token_ids[:first])
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_device_training_lowers_perplexity_and_peft_agrees(lm, family, text_file, tmp_path):
+    """int8 device training lowers perplexity; the saved adapter loads into PEFT and scores the same text the same."""
+    source, bundle, _ = lm[family]
+    session = TrainingSession(bundle)
+    data = session.load_data(text_file)
+    before = session.evaluate(data).perplexity
+    session.train(data, TrainConfig(epochs=6, batch_size=4, learning_rate=1e-2, seed=0))
+    after = session.evaluate(data, batch_size=len(data))
+    assert after.perplexity < 0.6 * before
+    adapter = session.save_adapter(tmp_path / "adapter")
+    host_loss, _ = _host_loss(_host_model(source, adapter), data)
+    assert math.exp(host_loss) == pytest.approx(after.perplexity, rel=0.02)  # fp32 host against int8 device
+
+
+def test_host_peft_adapter_loads_into_the_bundle(lm, text_file, tmp_path):
+    """A LoRA made with PEFT on the host (random B) gives the device the host's loss (fp32 bundle)."""
+    import peft
+
+    source, _, fp32 = lm["llama"]
+    host = peft.get_peft_model(_host_model(source), peft.LoraConfig(r=4, lora_alpha=16, target_modules=list(TARGETS["llama"])))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in host.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    host.save_pretrained(tmp_path / "host_adapter")
+    session = TrainingSession(fp32)
+    session.load_adapter(tmp_path / "host_adapter")
+    data = session.load_data(text_file)
+    loss, _ = _host_loss(host.eval(), data)
+    assert session.evaluate(data, batch_size=len(data)).loss == pytest.approx(loss, abs=1e-4)
+
+
+def test_lm_refuses_what_it_cannot_do(lm, tmp_path):
+    source, bundle, _ = lm["gpt2"]
+    session = TrainingSession(bundle)
+    with pytest.raises(InputError, match="generate"):
+        session.predict(["hello"])
+    csv = tmp_path / "x.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(DataError, match="plain text"):
+        session.load_data(csv)
+    from edgepeft.errors import ExportError
+
+    with pytest.raises(ExportError, match="next-token"):
+        export(source, tmp_path / "b", lora=LoraSpec(r=2, target_modules=("c_attn",)), options=ExportOptions(loss="mse"))
+
+
+def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
+    """`edgepeft train` / `eval` (perplexity) / `generate --prompt` on an LM bundle; predict refuses it."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    bundle, adapter, report = str(lm["gpt2"][1]), str(tmp_path / "adapter"), str(tmp_path / "eval.json")
+    run = CliRunner().invoke
+    trained = run(main, ["train", bundle, "--data", str(text_file), "--epochs", "2", "--batch-size", "4",
+                         "--lr", "1e-2", "--adapter-out", adapter])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    evaluated = run(main, ["eval", bundle, "--data", str(text_file), "--adapter", adapter, "--report", report])
+    assert evaluated.exit_code == 0 and "perplexity" in evaluated.output
+    figures = json.loads(Path(report).read_text())
+    assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]))
+    session = TrainingSession(bundle)
+    session.load_adapter(adapter)
+    expected = session.generate("the cat", 6).text
+    generated = run(main, ["generate", bundle, "--prompt", "the cat", "--adapter", adapter, "--max-new-tokens", "6",
+                           "--json"])  # fmt: skip
+    assert generated.exit_code == 0 and json.loads(generated.stdout.splitlines()[-1])["text"] == expected
+    refused = run(main, ["predict", bundle, "--text", "hello"])
+    assert refused.exit_code == 1 and "generate" in refused.output
