@@ -294,3 +294,16 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
     assert generated.exit_code == 0 and json.loads(generated.stdout.splitlines()[-1])["text"] == expected
     refused = run(main, ["predict", bundle, "--text", "hello"])
     assert refused.exit_code == 1 and "generate" in refused.output
+
+
+def test_lm_device_commands_never_load_torch(lm, text_file, tmp_path):
+    """train, eval and generate on an LM bundle, where torch is installed, end with torch not loaded."""
+    from test_no_torch import _device_command
+
+    bundle, adapter = str(lm["llama"][1]), str(tmp_path / "adapter")
+    for command in (
+        ["train", bundle, "--data", str(text_file), "--epochs", "1", "--batch-size", "4", "--adapter-out", adapter],
+        ["eval", bundle, "--data", str(text_file), "--adapter", adapter],
+        ["generate", bundle, "--prompt", "the cat", "--adapter", adapter, "--max-new-tokens", "4"],
+    ):
+        assert _device_command(*command) == {"code": 0, "torch": False}, command
