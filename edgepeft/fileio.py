@@ -179,7 +179,7 @@ def check_output_directory(
         raise OutputError(f"refusing to replace {target}: it is not empty and is not {kind.name} (no {listed}); "
                           "choose a new or empty directory")  # fmt: skip
     if not overwrite:
-        raise OutputError(f"{target} already holds {kind.name}: pass overwrite=True (--overwrite) to replace it")
+        raise OutputError(f"{target} already holds {kind.name}: pass overwrite=True to replace it")
     return target
 
 

@@ -60,6 +60,11 @@ class Command(click.Command):
             root = ctx.find_root().command
             group = root if isinstance(root, click.Group) else None
             raise click.ClickException(flag_words(message, self, group)) from None
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise  # a bug of edgepeft's own: its traceback is what a report needs
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise click.ClickException(f"ONNX Runtime failed: {lines[0][:400]}") from None
 
 
 def _os_error(error: OSError) -> str:

@@ -21,12 +21,19 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return text_column_option(label_column_option(command))
 
 
+def _in_flag(flag: str, error: Exception) -> Exception:
+    """`data file x.csv does not exist` -> `--data x.csv does not exist`."""
+    message = str(error)
+    message = message[len("data file "):] if message.startswith("data file ") else message
+    return type(error)(f"{flag} {message}")
+
+
 def read_data(session, path: str, flag: str, text_column: str | None, label_column: str | None):
     """Read a labelled data file into a Dataset for the session's bundle; an error names the flag that gave it."""
     try:
         return session.load_data(path, text_column=text_column, label_column=label_column)
     except (DataError, InputError) as e:
-        raise type(e)(f"{flag} {e}") from None
+        raise _in_flag(flag, e) from None
 
 
 def read_inputs(session, path: str, flag: str, text_column: str | None) -> tuple[dict, list[tuple[str, object]]]:
@@ -38,6 +45,6 @@ def read_inputs(session, path: str, flag: str, text_column: str | None) -> tuple
         if session.bundle.has_tokenizer:
             return features, [("text", text) for text in read_text_file(path, text_column or "text")[0]]
     except (DataError, InputError) as e:
-        raise type(e)(f"{flag} {e}") from None
+        raise _in_flag(flag, e) from None
     rows = len(next(iter(features.values())))
     return features, [("row", i + 1) for i in range(rows)]

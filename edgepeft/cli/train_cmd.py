@@ -120,6 +120,7 @@ def train(
         lower_batch_to_fit=lower_batch_to_fit,
     )  # fmt: skip
     session = open_session(bundle, adapter, state)
+    _check_outputs(session, adapter_out, state_out, checkpoint_dir, store)  # before any work, not after it
     train_set = read_data(session, data, "--data", text_column, label_column)
     held_out = read_data(session, eval_data, "--eval-data", text_column, label_column) if eval_data else None
     figures: dict[str, Any] = {
@@ -152,6 +153,19 @@ def train(
     if state_out:
         session.save_state(state_out)
     _finish(figures, report)
+
+
+def _check_outputs(session, adapter_out, state_out, checkpoint_dir, store) -> None:
+    """Refuse an output directory the run could not write at its end: a user's folder, or the bundle."""
+    from edgepeft.fileio import check_output_directory
+    from edgepeft.runtime.adapter import ADAPTER
+    from edgepeft.runtime.checkpoint import STATE
+    from edgepeft.runtime.store import STORE
+
+    protect = (session.bundle.path,)
+    for path, kind in ((adapter_out, ADAPTER), (state_out, STATE), (checkpoint_dir, STATE), (store, STORE)):
+        if path:
+            check_output_directory(path, kind, overwrite=True, protect=protect)
 
 
 def _fit(session, train_set, config, store, name, fraction, eval_every, patience, adapter, progress) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from edgepeft.export.transformers_models import (
     model_inputs,
     model_kind,
     onnx_input_names,
+    text_positions,
 )
 from edgepeft.fileio import DirKind, atomic_directory, sha256_file
 from edgepeft.runtime.adapter import portable_base_name
@@ -288,6 +289,10 @@ def _load_transformers(
         adapted = add_lora(model, lora)
         example = {kind.preprocessing.input: torch.randn(2, *kind.preprocessing.shape)}
         return adapted, labels, example, kind
+    positions = text_positions(model.config)
+    if positions is not None and options.max_length > positions:
+        raise ExportError(f"`max_length` {options.max_length} exceeds the {positions} tokens {source.name}'s position "
+                          f"embeddings hold: export with max_length={positions} or less")  # fmt: skip
     tokenizer = _save_tokenizer(source, options, out)
     adapted = add_lora(model, lora, task_type="SEQ_CLS")
     encoded = dict(tokenizer(["an example passage", "another one"], padding=True, return_tensors="pt"))

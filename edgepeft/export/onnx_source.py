@@ -226,9 +226,9 @@ def build_forward(base: onnx.ModelProto, lora: LoraSpec, options: ExportOptions)
     if lora.bias != "none" or lora.modules_to_save:
         raise ExportError("an ONNX model trains LoRA and the new head only: use bias='none' and no modules_to_save")
     if options.head_on is None:
-        raise ExportError("an ONNX model needs `head_on` (--head-on): the name of the graph value the new head reads")
+        raise ExportError("an ONNX model needs `head_on`: the name of the graph value the new head reads")
     if not options.labels:
-        raise ExportError("an ONNX model needs `labels` (--labels): their number is the new head's width")
+        raise ExportError("an ONNX model needs `labels`: their number is the new head's width")
     fingerprint = compile_._fingerprint(base, [i.name for i in base.graph.initializer])
     model = copy.deepcopy(base)
     held = {i.name for i in model.graph.initializer}
@@ -295,9 +295,13 @@ def _module_name(weight: str, node: onnx.NodeProto) -> str:
     return ".".join(parts) or weight
 
 
-def find_targets(model: onnx.ModelProto, patterns: tuple[str, ...] | str) -> list[_Target]:
+def find_targets(model: onnx.ModelProto, patterns: tuple[str, ...] | str | None) -> list[_Target]:
     """The LoRA targets `patterns` select (see the module docstring), or an ExportError naming what there is."""
     every = candidates(model)
+    if patterns is None:
+        listed = ", ".join(f"{t.module} ({t.node.op_type})" for t in every[:12]) or "none"
+        raise ExportError(f"an ONNX model needs `target_modules`: the weights to adapt (adaptable: {listed}"
+                          f"{' ...' if len(every) > 12 else ''})")  # fmt: skip
     if isinstance(patterns, str):
         try:
             regex = re.compile(patterns)

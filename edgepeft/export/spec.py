@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 from edgepeft.errors import ExportError
@@ -45,6 +47,12 @@ class LoraSpec:
                 raise ExportError("`target_modules` is empty: name at least one module to adapt")
         elif not self.target_modules:
             raise ExportError("`target_modules` is an empty pattern")
+        else:
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                pattern = self.target_modules
+                raise ExportError(f"`target_modules` {pattern!r} is not a regular expression: {e}") from None
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
 
 

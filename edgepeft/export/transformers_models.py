@@ -190,3 +190,17 @@ def fix_image_input_(model, preprocessing: mf.ImagePreprocessing) -> None:
     for dim, size in zip(list(dims)[1:], preprocessing.shape):
         dim.Clear()
         dim.dim_value = size
+
+
+# model types whose position ids start after the padding index (RoBERTa's `create_position_ids_from_input_ids`)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "ibert")
+
+
+def text_positions(config) -> int | None:
+    """The longest token sequence a text model's absolute position embeddings hold (None: no such limit)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(config, "position_biased_input", True) is False:
+        return None  # relative positions only (DeBERTa-v2's default)
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions

@@ -137,7 +137,7 @@ def read_examples(
 
 def _texts(records: Records, column: str) -> list[str]:
     if column not in records.columns:
-        hint = "" if column != "text" else ": name the text column with text_column= (--text-column)"
+        hint = "" if column != "text" else ": name the text column with `text_column`"
         raise DataError(f"{records.path} has no `{column}` {records.kind} (found {list(records.columns)}){hint}")
     texts = []
     for i, row in enumerate(records.rows):
@@ -156,7 +156,7 @@ def _labels(manifest: Manifest, records: Records, column: str) -> np.ndarray:
     if values is None:
         raise DataError(
             f"{records.path} has no `{column}` {records.kind} (found {list(records.columns)}): training and "
-            f"evaluation need labels; name the label {records.kind} with label_column= (--label-column)"
+            f"evaluation need labels; name the label {records.kind} with `label_column`"
         )
     check_present(values, records, column)
     values = label_values(manifest, values, f"{records.path} {records.kind} `{column}`")

@@ -347,7 +347,8 @@ class TrainingSession:
         for key in sorted(set(_settings(found.run)) | set(identity)):
             there, here = found.run.get(key), identity.get(key)
             if there != here:
-                differences.append("other data" if key == "data_sha256" else f"`{key}` {there!r} there, {here!r} here")
+                there, here = ("not given" if v is None else repr(v) for v in (there, here))
+                differences.append("other data" if key == "data_sha256" else f"`{key}` {there} there, {here} here")
         if not same_start:
             differences.append("the trainable values the run started from (not this session's)")
         message = f"training state {directory} belongs to another run ({'; '.join(differences)})"

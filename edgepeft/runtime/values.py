@@ -8,6 +8,8 @@ floats are read as integers only when they are whole (2.0 -> 2, 1.5 is refused);
 
 from __future__ import annotations
 
+import re
+
 import json
 from typing import Any
 
@@ -160,19 +162,36 @@ def convert(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
 def label_values(manifest: Manifest, values: list[Any], where: str) -> list[Any]:
     """Label names -> class indices for a bundle that has names; other values are left to `convert`.
 
-    With names, a label must be one of them: a bare number is refused, since names like "1".."5" would
-    make an index ambiguous.
+    With names, a label is one of them, or a class index 0..N-1 (an integer, or an integer written as text,
+    as Hugging Face datasets write labels) when no name looks like a number: names like "1".."5" would make
+    an index ambiguous, so those bundles take names only.
     """
     if not manifest.labels:
         return values
     index = {name: i for i, name in enumerate(manifest.labels)}
+    numeric_names = any(_integer(name) is not None for name in manifest.labels)
     out = []
     for i, value in enumerate(values):
+        as_index = None if numeric_names or isinstance(value, bool) else _integer(value)
         if value is None:
             out.append(None)
         elif isinstance(value, str) and value in index:
             out.append(index[value])
+        elif as_index is not None and 0 <= as_index < len(manifest.labels):
+            out.append(as_index)
         else:
             known = list(manifest.labels)
-            raise DataError(f"{where}: label {value!r} (row {i + 1}) is not one the bundle knows: {known}")
+            hint = f" or a class index 0..{len(known) - 1}"
+            if numeric_names:
+                hint = " (names only: they look like numbers)"
+            raise DataError(f"{where}: label {value!r} (row {i + 1}) is not one the bundle knows: {known}{hint}")
     return out
+
+
+def _integer(value: Any) -> int | None:
+    """An int, or text holding one ("2", " 2 "); anything else None."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+        return int(value)
+    return None
