@@ -82,7 +82,7 @@ def test_columns_named_otherwise(tmp_path):
     path = _write_csv(tmp_path / "reviews.csv", [["great", "5"], ["poor", "1"]], header=("id", "review", "score"))
     path.write_text(path.read_text().replace("great", "1,great").replace("poor", "2,poor"))
     assert read_text_file(path, text_column="review", label_column="score") == (["great", "poor"], ["5", "1"])
-    with pytest.raises(DataError, match=r"has no `text` column \(found \['id', 'review', 'score'\]\).*--text-column"):
+    with pytest.raises(DataError, match=r"has no `text` column \(found \['id', 'review', 'score'\]\).*`text_column`"):
         read_text_file(path)
 
 
@@ -125,9 +125,9 @@ def test_text_bundle_files(minilm, tmp_path):
     np.testing.assert_array_equal(inputs["input_ids"], data.features["input_ids"])
     unlabelled = _write_csv(tmp_path / "texts.csv", [["Call me Ishmael."]], header=("text",))
     assert minilm.predict(minilm.load_inputs(unlabelled)).labels[0] in minilm.manifest.labels
-    numbers = _write_csv(tmp_path / "numbers.csv", [["hello", "1"]])
-    with pytest.raises(DataError, match=r"label '1' \(row 1\) is not one the bundle knows"):
-        minilm.load_data(numbers)
+    numbers = _write_csv(tmp_path / "numbers.csv", [["hello", "1"], ["world", "6"]])
+    with pytest.raises(DataError, match=r"label '6' \(row 2\) is not one the bundle knows: .* or a class index 0..5"):
+        minilm.load_data(numbers)  # "1" is a class index (datasets write them); 6 is out of range
 
 
 # ---- array bundles (the tiny MLP: x float32[batch, 16], 4 classes) ------------------------------
@@ -191,7 +191,7 @@ def test_csv_of_input_columns(mlp, tmp_path):
         data = mlp.load_data(path)
         np.testing.assert_allclose(data.features["x"], x)
         assert list(data.labels) == list(y)
-    with pytest.raises(DataError, match=r"has no `score` column .*label_column="):
+    with pytest.raises(DataError, match=r"has no `score` column .*`label_column`"):
         mlp.load_data(listed, label_column="score")
     renamed = _write_csv(tmp_path / "renamed.csv", [[json.dumps(row.tolist()), int(v)] for row, v in zip(x, y)],
                          header=("x", "score"))  # fmt: skip

@@ -18,7 +18,8 @@ LABELS = ("a", "b")
 def test_the_new_head_is_announced_once_without_transformers_training_warning(tmp_path, capfd, caplog):
     model_dir = make_tiny_bert(tmp_path / "tiny-bert")
     with caplog.at_level(logging.INFO, logger="edgepeft"):
-        manifest = export(model_dir, tmp_path / "b", lora=LoraSpec(), options=ExportOptions(labels=LABELS))
+        options = ExportOptions(labels=LABELS, max_length=32)
+        manifest = export(model_dir, tmp_path / "b", lora=LoraSpec(), options=options)
     printed = capfd.readouterr()
     everything = printed.out + printed.err + caplog.text
     assert "TRAIN this model" not in everything and "newly initialized" not in everything
@@ -36,6 +37,7 @@ def test_the_new_head_is_announced_once_without_transformers_training_warning(tm
 @pytest.mark.parametrize("recorded", [None, "/home/someone/.venv/lib/models/tiny"])
 def test_a_base_without_a_hub_name_is_called_by_its_directorys_name(tmp_path, recorded):
     model_dir = make_tiny_bert(tmp_path / "my-bert", name_or_path=recorded)
-    manifest = export(model_dir, tmp_path / "b", lora=LoraSpec(), options=ExportOptions(labels=LABELS))
+    options = ExportOptions(labels=LABELS, max_length=32)
+    manifest = export(model_dir, tmp_path / "b", lora=LoraSpec(), options=options)
     assert manifest.peft_config["base_model_name_or_path"] == "my-bert"
     assert json.loads((tmp_path / "b" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "my-bert"

@@ -197,7 +197,7 @@ def test_an_image_model_without_its_image_processor_is_refused(tmp_path):
 
 def _manifest_dict(tmp_path, family: str) -> dict:
     make_dir(family, tmp_path / family, perturbed=True)
-    export(tmp_path / family, tmp_path / "b", options=ExportOptions(labels=LABELS))
+    export(tmp_path / family, tmp_path / "b", options=ExportOptions(labels=LABELS, max_length=16))
     return json.loads((tmp_path / "b" / mf.MANIFEST_FILE).read_text())
 
 
