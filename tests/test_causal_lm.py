@@ -86,6 +86,7 @@ def test_manifest_records_the_lm_task(lm, family):
     assert manifest.schema_version == 3 and manifest.loss == "next_token" and not manifest.is_classifier
     task = manifest.task
     assert (task.bos_token_id, task.eos_token_id, task.pad_token_id, task.max_length) == (2, 3, 0, 32)
+    assert task.stop_token_ids == (3, 5)  # eos and the chat template's end of turn, <|im_end|>
     assert task.chat_template == tiny_lm.CHAT_TEMPLATE and mf.GENERATION_MODEL in manifest.files
     assert manifest.label == mf.TensorSpec("labels", "int64", ("batch_size", "sequence_length"))
     assert mf.Manifest.from_dict(json.loads(manifest.to_json())) == manifest
@@ -220,6 +221,39 @@ def test_generation_stops_at_eos(lm):
     result = session.generate("hello", 12)
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
     assert result.text == session._task.tokenizer.decode(greedy.token_ids[:first])
+
+
+def test_generation_stops_at_any_stop_id(lm):
+    """A chat turn ends on the template's end-of-turn token, not only on eos."""
+    import dataclasses
+
+    session = TrainingSession(lm["llama"][1])
+    session.set_trainable(_random_adapter(session))
+    greedy = session.generate("hello", 12)
+    stop = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop)
+    assert session._task.task.eos_token_id != stop
+    session._task.task = dataclasses.replace(session._task.task, stop_token_ids=(stop,))
+    result = session.generate("hello", 12)
+    assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
+
+
+def test_a_start_token_named_eos_gives_way_to_the_config_eos(tmp_path):
+    """SmolLM2's tokenizer converted from GGUF names <|im_start|> (its bos) as eos; the config's eos is right."""
+    source = tiny_lm.make_dir("llama", tmp_path / "model", eos_token="<s>")
+    out = tmp_path / "bundle"
+    export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=ExportOptions(max_length=16))
+    task = mf.Manifest.load(out).task
+    assert (task.bos_token_id, task.eos_token_id, task.stop_token_ids) == (2, 3, (3, 5))
+
+
+def test_manifest_refuses_bad_stop_ids(lm):
+    data = json.loads(mf.Manifest.load(lm["llama"][1]).to_json())
+    data["task"]["stop_token_ids"] = [3, "x"]
+    with pytest.raises(BundleError, match="stop_token_ids"):
+        mf.Manifest.from_dict(data)
+    del data["task"]["stop_token_ids"]  # a manifest written before the field: eos alone stops
+    assert mf.Manifest.from_dict(data).task.stops == {3}
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
