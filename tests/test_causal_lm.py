@@ -116,6 +116,17 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_training_step_holds_one_copy_of_the_logits(lm, family):
+    """The vocabulary-wide logits are never sliced (the labels shift instead) nor a training graph output."""
+    for bundle in lm[family][1:]:
+        graph = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph
+        assert [o.name for o in graph.output if not o.name.endswith(".accumulation.out")] == ["loss"]
+        readers = [n.op_type for n in graph.node if "logits" in n.input]
+        assert readers and set(readers) <= {"Reshape", "Shape"}, readers
+        assert not [n.op_type for n in graph.node if n.op_type.startswith("Slice") and "logits" in n.output]
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
 def test_device_loss_is_transformers_shifted_loss(lm, family, text_file, tmp_path):
     """fp32 bundle: the device's loss on padded text and on chat (prompt tokens -100) is transformers' own."""
     source, _, fp32 = lm[family]

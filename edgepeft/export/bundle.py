@@ -134,6 +134,8 @@ def export(
         # dequantized weights, so a device's predictions match the host's (99% against 95% of MiniLM's).
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
+        if traced.task is not None:
+            causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
         _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
         _check_loadable(out / mf.TRAINING_MODEL, module)  # a bundle the device cannot load is never written
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)

@@ -38,14 +38,27 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 class NextTokenLoss(nn.Module):
-    """Mean cross-entropy of predicting token t + 1 at position t; labels of -100 are not scored."""
+    """Mean cross-entropy of predicting token t + 1 at position t; labels of -100 are not scored.
+
+    The labels shift, not the logits: position t is scored against label t + 1 and the last position against
+    -100. Slicing the (batch, length, vocabulary) logits instead costs a copy of them in the forward pass and
+    two in the backward (SliceGrad pads the gradient back), 50 MB each for SmolLM2 at 1 x 256.
+    """
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        shifted = logits[:, :-1, :]
-        targets = labels[:, 1:]
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         return nn.functional.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
+
+
+def drop_training_outputs_(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the model's own outputs (`names`: the logits) from the training graph, leaving the loss first: the
+    device's training step reads the loss alone, and a logits output (256 x 49,152 fp32 = 50 MB for SmolLM2)
+    would be kept to the end of the step and copied out."""
+    outputs = [o for o in model.graph.output if o.name not in names]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
 
 
 def is_causal_lm_dir(source: object) -> bool:
