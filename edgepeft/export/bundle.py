@@ -136,7 +136,8 @@ def export(
         decompose_gelu_grad_(training)
         if traced.task is not None:
             causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
-        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
+        int8_gradients = options.gradients_in_int8(causal_lm=traced.task is not None)
+        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=int8_gradients)
         _check_loadable(out / mf.TRAINING_MODEL, module)  # a bundle the device cannot load is never written
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
@@ -165,7 +166,7 @@ def export(
                 "trainable_parameters": int(sum(module.get_parameter(n).numel() for n in trainable)),
                 "quantized_weights": len(quantized),
                 "int8_compute": int8_compute,
-                "int8_gradients": int8_compute and options.int8_gradients,
+                "int8_gradients": int8_compute and int8_gradients,
             },
         )
         manifest.save(out)
