@@ -137,7 +137,8 @@ def export(
         if traced.task is not None:
             causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
         int8_gradients = options.gradients_in_int8(causal_lm=traced.task is not None)
-        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=int8_gradients)
+        _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=int8_gradients,
+              row_inputs=traced.task is not None)  # a language model's outlier tokens need a scale per row
         _check_loadable(out / mf.TRAINING_MODEL, module)  # a bundle the device cannot load is never written
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
@@ -388,15 +389,17 @@ def _save(
     matmuls: bool = False,
     gradients: bool = False,
     inference: bool = False,
+    row_inputs: bool = False,
 ) -> None:
-    """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls; if
-    `gradients`, input-gradient matmuls) use int8. An `inference` graph has no Dropout (LoRA's is off)."""
+    """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls, their inputs
+    quantized per row if `row_inputs`; if `gradients`, input-gradient matmuls) use int8. An `inference` graph has
+    no Dropout (LoRA's is off)."""
     if int8_compute or inference:
         model = copy.deepcopy(model)
     if inference:
         remove_dropout_(model)
     if int8_compute:
-        use_int8_compute_(model, matmuls=matmuls, gradients=gradients)
+        use_int8_compute_(model, matmuls=matmuls, gradients=gradients, row_inputs=row_inputs)
     onnx.save(model, str(path))
 
 
