@@ -130,15 +130,24 @@ def test_training_step_holds_one_copy_of_the_logits(lm, family):
         assert not [n.op_type for n in graph.node if n.op_type.startswith("Slice") and "logits" in n.output]
 
 
+def test_generation_graph_is_the_only_inference_graph(lm):
+    """A causal LM bundle has no inference.onnx: generation.onnx with an empty past is the model's forward pass."""
+    bundle = lm["llama"][1]
+    assert mf.INFERENCE_MODEL not in mf.Manifest.load(bundle).files and not (bundle / mf.INFERENCE_MODEL).exists()
+    assert mf.GENERATION_MODEL in mf.Manifest.load(bundle).files
+
+
 def test_lm_gradients_are_fp32_by_default(lm, tmp_path):
     """A causal LM's backward matmuls multiply dequantized weights (int8 gradients diverged SmolLM2's 30 layers);
     `int8_gradients=True` still asks for int8 ones. Either way no DequantizeLinear output outlives its matmul."""
     source, bundle, _ = lm["llama"]
     assert mf.Manifest.load(bundle).stats["int8_gradients"] is False
-    ops = [n.op_type for n in onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node]
-    assert "DequantizeLinear" in ops and not any("row_int8" in n.name for n in onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node)
+    nodes = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node
+    assert any(n.op_type == "DequantizeLinear" for n in nodes)
+    assert not [n.name for n in nodes if n.op_type == "DynamicQuantizeMatMul" and "_Grad" in n.name]
     out = tmp_path / "int8"
-    export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=ExportOptions(max_length=16, int8_gradients=True))
+    options = ExportOptions(max_length=16, int8_gradients=True)
+    export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=options)
     assert mf.Manifest.load(out).stats["int8_gradients"] is True
 
 
