@@ -189,6 +189,9 @@ class CausalLMTask:
     pad_token_id: int | None = None
     generation_model: str | None = GENERATION_MODEL
     kind: str = CAUSAL_LM
+    # the ids generation stops at: eos, the model's other end ids, the chat template's end of turn
+    # (empty in a manifest written before the field: eos alone)
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind != CAUSAL_LM:
@@ -200,6 +203,15 @@ class CausalLMTask:
                 raise BundleError(f"manifest task {name} {getattr(self, name)!r} is not a token id or null")
         if self.pad_token_id is None:
             raise BundleError("manifest task pad_token_id is null: a causal LM bundle needs a padding id")
+        stops = self.stop_token_ids
+        if not isinstance(stops, (list, tuple)) or not all(_token_id(i) and i is not None for i in stops):
+            raise BundleError(f"manifest task stop_token_ids {stops!r} is not a list of token ids")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
+
+    @property
+    def stops(self) -> frozenset[int]:
+        """The ids generation ends on: `stop_token_ids` and eos."""
+        return frozenset(self.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None else set())
         for name in ("tokenizer", "generation_model", "chat_template"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

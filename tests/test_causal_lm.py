@@ -86,6 +86,7 @@ def test_manifest_records_the_lm_task(lm, family):
     assert manifest.schema_version == 3 and manifest.loss == "next_token" and not manifest.is_classifier
     task = manifest.task
     assert (task.bos_token_id, task.eos_token_id, task.pad_token_id, task.max_length) == (2, 3, 0, 32)
+    assert task.stop_token_ids == (3, 5)  # eos and the chat template's end of turn, <|im_end|>
     assert task.chat_template == tiny_lm.CHAT_TEMPLATE and mf.GENERATION_MODEL in manifest.files
     assert manifest.label == mf.TensorSpec("labels", "int64", ("batch_size", "sequence_length"))
     assert mf.Manifest.from_dict(json.loads(manifest.to_json())) == manifest
@@ -109,9 +110,45 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
         assert len(tables) == 1 and tables[0].endswith(".int8") and "lm_head" not in tables[0], tables
     stats = mf.Manifest.load(bundle).stats
     assert stats["quantized_weights"] == {"llama": 2 * 7 + 1, "gpt2": 2 * 4 + 2}[family]
-    if family == "llama":  # every Linear multiplies int8 weights: no fp32 copy of a frozen weight in training
-        ops = [n.op_type for n in onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node]
-        assert "DequantizeLinear" not in ops
+    if family == "llama":  # every Linear's forward multiplies int8 weights; each backward one dequantizes its own
+        graph = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph
+        users = {o: [n for n in graph.node if o in n.input] for d in graph.node if d.op_type == "DequantizeLinear"
+                 for o in d.output}  # fmt: skip
+        assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and "_Grad" in u[0].name for u in users.values())
+        int8 = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]  # each token's row its own scale
+        assert len(int8) == 2 * 7 + 1 and all(n.input[0].endswith("/row_int8/unit") for n in int8)
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_training_step_holds_one_copy_of_the_logits(lm, family):
+    """The vocabulary-wide logits are never sliced (the labels shift instead) nor a training graph output."""
+    for bundle in lm[family][1:]:
+        graph = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph
+        assert [o.name for o in graph.output if not o.name.endswith(".accumulation.out")] == ["loss"]
+        readers = [n.op_type for n in graph.node if "logits" in n.input]
+        assert readers and set(readers) <= {"Reshape", "Shape"}, readers
+        assert not [n.op_type for n in graph.node if n.op_type.startswith("Slice") and "logits" in n.output]
+
+
+def test_generation_graph_is_the_only_inference_graph(lm):
+    """A causal LM bundle has no inference.onnx: generation.onnx with an empty past is the model's forward pass."""
+    bundle = lm["llama"][1]
+    assert mf.INFERENCE_MODEL not in mf.Manifest.load(bundle).files and not (bundle / mf.INFERENCE_MODEL).exists()
+    assert mf.GENERATION_MODEL in mf.Manifest.load(bundle).files
+
+
+def test_lm_gradients_are_fp32_by_default(lm, tmp_path):
+    """A causal LM's backward matmuls multiply dequantized weights (int8 gradients diverged SmolLM2's 30 layers);
+    `int8_gradients=True` still asks for int8 ones. Either way no DequantizeLinear output outlives its matmul."""
+    source, bundle, _ = lm["llama"]
+    assert mf.Manifest.load(bundle).stats["int8_gradients"] is False
+    nodes = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node
+    assert any(n.op_type == "DequantizeLinear" for n in nodes)
+    assert not [n.name for n in nodes if n.op_type == "DynamicQuantizeMatMul" and "_Grad" in n.name]
+    out = tmp_path / "int8"
+    options = ExportOptions(max_length=16, int8_gradients=True)
+    export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=options)
+    assert mf.Manifest.load(out).stats["int8_gradients"] is True
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -220,6 +257,39 @@ def test_generation_stops_at_eos(lm):
     result = session.generate("hello", 12)
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
     assert result.text == session._task.tokenizer.decode(greedy.token_ids[:first])
+
+
+def test_generation_stops_at_any_stop_id(lm):
+    """A chat turn ends on the template's end-of-turn token, not only on eos."""
+    import dataclasses
+
+    session = TrainingSession(lm["llama"][1])
+    session.set_trainable(_random_adapter(session))
+    greedy = session.generate("hello", 12)
+    stop = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop)
+    assert session._task.task.eos_token_id != stop
+    session._task.task = dataclasses.replace(session._task.task, stop_token_ids=(stop,))
+    result = session.generate("hello", 12)
+    assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
+
+
+def test_a_start_token_named_eos_gives_way_to_the_config_eos(tmp_path):
+    """SmolLM2's tokenizer converted from GGUF names <|im_start|> (its bos) as eos; the config's eos is right."""
+    source = tiny_lm.make_dir("llama", tmp_path / "model", eos_token="<s>")
+    out = tmp_path / "bundle"
+    export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=ExportOptions(max_length=16))
+    task = mf.Manifest.load(out).task
+    assert (task.bos_token_id, task.eos_token_id, task.stop_token_ids) == (2, 3, (3, 5))
+
+
+def test_manifest_refuses_bad_stop_ids(lm):
+    data = json.loads(mf.Manifest.load(lm["llama"][1]).to_json())
+    data["task"]["stop_token_ids"] = [3, "x"]
+    with pytest.raises(BundleError, match="stop_token_ids"):
+        mf.Manifest.from_dict(data)
+    del data["task"]["stop_token_ids"]  # a manifest written before the field: eos alone stops
+    assert mf.Manifest.from_dict(data).task.stops == {3}
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)

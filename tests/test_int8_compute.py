@@ -145,3 +145,41 @@ def test_fp32_gradients_dequantize_each_weight_for_its_one_backward_matmul(tmp_p
         assert [u.op_type for u in users] == ["MatMul"] and "_Grad" in users[0].name, (dq.name, users)
     stats = TrainingSession(tmp_path / "b").manifest.stats
     assert stats["int8_compute"] is True and stats["int8_gradients"] is False
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_row_inputs_keep_the_small_tokens_next_to_an_outlier_token(opset):
+    """A language model's Linear input has a token hundreds of times larger than the rest: one uint8 scale for
+    the tensor flattens the others, a scale per row (`row_inputs`, causal LMs) keeps them (ORT runs both)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepeft.export.int8_compute import use_int8_compute_
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(24, 16)).astype(np.float32)  # (out, in), as a Linear stores it
+    scale = np.abs(weight).max(axis=1) / 127
+    quantized = np.round(weight / scale[:, None]).astype(np.int8)
+    x = rng.normal(size=(1, 6, 16)).astype(np.float32)
+    x[0, 0] *= 300  # the outlier token (SmolLM2's first one)
+    exact = x @ (quantized * scale[:, None]).T
+
+    def run(row_inputs: bool) -> np.ndarray:
+        graph = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w.int8", "w.scale"], ["w"], axis=0),
+             helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w_t"], ["y"], name="linear")],
+            "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 24])],
+            [numpy_helper.from_array(quantized, "w.int8"), numpy_helper.from_array(scale, "w.scale")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        assert use_int8_compute_(model, matmuls=True, gradients=False, row_inputs=row_inputs) == 1
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    def error(y: np.ndarray) -> float:  # of the ordinary tokens, relative to their size
+        return float(np.abs(y - exact)[0, 1:].max() / np.abs(exact[0, 1:]).max())
+
+    assert error(run(row_inputs=True)) < 0.03
+    assert error(run(row_inputs=False)) > 0.2

@@ -38,8 +38,10 @@ def config(family: str):
     raise KeyError(family)
 
 
-def tokenizer(family: str):
-    """A WordLevel tokenizer as a PreTrainedTokenizerFast; Llama's adds <s> in front, GPT-2's adds nothing."""
+def tokenizer(family: str, eos_token: str = "</s>"):
+    """A WordLevel tokenizer as a PreTrainedTokenizerFast; Llama's adds <s> in front, GPT-2's adds nothing.
+
+    `eos_token="<s>"` names the start token as eos, as SmolLM2's tokenizer converted from GGUF does."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -51,12 +53,12 @@ def tokenizer(family: str):
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
                                                                special_tokens=[("<s>", 2)])  # fmt: skip
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=eos_token,
         chat_template=CHAT_TEMPLATE, model_input_names=["input_ids", "attention_mask"],
     )  # fmt: skip
 
 
-def make_dir(family: str, directory: Path, scale: float = 0.5) -> Path:
+def make_dir(family: str, directory: Path, scale: float = 0.5, eos_token: str = "</s>") -> Path:
     """Write the family's tiny causal LM and tokenizer into `directory`."""
     from transformers import AutoModelForCausalLM
 
@@ -67,5 +69,5 @@ def make_dir(family: str, directory: Path, scale: float = 0.5) -> Path:
         for p in model.parameters():
             p.add_(scale * 0.1 * torch.randn(p.shape, generator=generator))
     model.save_pretrained(directory)
-    tokenizer(family).save_pretrained(directory)
+    tokenizer(family, eos_token).save_pretrained(directory)
     return directory

@@ -38,14 +38,27 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 class NextTokenLoss(nn.Module):
-    """Mean cross-entropy of predicting token t + 1 at position t; labels of -100 are not scored."""
+    """Mean cross-entropy of predicting token t + 1 at position t; labels of -100 are not scored.
+
+    The labels shift, not the logits: position t is scored against label t + 1 and the last position against
+    -100. Slicing the (batch, length, vocabulary) logits instead costs a copy of them in the forward pass and
+    two in the backward (SliceGrad pads the gradient back), 50 MB each for SmolLM2 at 1 x 256.
+    """
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        shifted = logits[:, :-1, :]
-        targets = labels[:, 1:]
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         return nn.functional.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
+
+
+def drop_training_outputs_(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the model's own outputs (`names`: the logits) from the training graph, leaving the loss first: the
+    device's training step reads the loss alone, and a logits output (256 x 49,152 fp32 = 50 MB for SmolLM2)
+    would be kept to the end of the step and copied out."""
+    outputs = [o for o in model.graph.output if o.name not in names]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
 
 
 def is_causal_lm_dir(source: object) -> bool:
@@ -75,8 +88,8 @@ def load_causal_lm(source: Path, lora: LoraSpec, options: ExportOptions, out: Pa
             raise ExportError(f"{source}: no default LoRA targets for model_type {model_type!r}: name target_modules")
         lora = dataclasses.replace(lora, target_modules=DEFAULT_TARGETS[model_type])
         logger.info("LoRA on %s (the default for %s)", lora.target_modules, model_type)
-    tokenizer = _save_tokenizer(source, out)
-    task = _task(tokenizer, model.config, options.max_length)
+    tokenizer = _save_tokenizer(source, out, model.config)
+    task = _task(tokenizer, model, options.max_length)
     adapted = add_lora(model, lora, task_type="CAUSAL_LM")
     encoded = tokenizer(["the cat sat on a mat", "hello"], padding=True, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
@@ -89,12 +102,20 @@ def example_labels(example: dict[str, torch.Tensor]) -> torch.Tensor:
     return example["input_ids"].masked_fill(example["attention_mask"] == 0, IGNORE_INDEX)
 
 
-def _save_tokenizer(source: Path, out: Path):
+def _save_tokenizer(source: Path, out: Path, config):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
+    ends = _model_eos_ids(config)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id == tokenizer.bos_token_id and ends and (
+        tokenizer.eos_token_id not in ends
+    ):  # a tokenizer converted from GGUF (SmolLM2's) names its start token as eos; the model config knows better
+        eos = tokenizer.convert_ids_to_tokens(ends[0])
+        logger.warning("the tokenizer's eos %r is its bos; using the model config's eos %r (id %d)",
+                       tokenizer.eos_token, eos, ends[0])  # fmt: skip
+        tokenizer.eos_token = eos
     if tokenizer.pad_token_id is None:  # GPT-2 and Llama tokenizers often have none: pad with eos (masked anyway)
         tokenizer.pad_token = tokenizer.eos_token
     backend = tokenizer.backend_tokenizer
@@ -104,7 +125,41 @@ def _save_tokenizer(source: Path, out: Path):
     return tokenizer
 
 
-def _task(tokenizer, config, max_length: int) -> dict:
+def _model_eos_ids(config) -> list[int]:
+    """The eos ids the model config names (an int or a list), in order."""
+    value = getattr(config, "eos_token_id", None)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message's content (`<|im_end|>`,
+    `<|eot_id|>`), found by rendering one exchange; None if there is none or the template cannot render it."""
+    marker = "edgepeft-end-of-turn-probe"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # a template may refuse these roles; the stop ids are then eos alone
+        logger.warning("the chat template cannot render a user/assistant exchange (%s): no end-of-turn stop id", e)
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    specials = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return after[0] if after and after[0] in specials else None
+
+
+def _stop_token_ids(tokenizer, model) -> list[int]:
+    """eos, the ids the model's config and generation config end on, and the chat template's end of turn."""
+    ids = [tokenizer.eos_token_id] + _model_eos_ids(model.config)
+    ids += _model_eos_ids(getattr(model, "generation_config", None))
+    if isinstance(tokenizer.chat_template, str):
+        ids.append(_end_of_turn_id(tokenizer))
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _task(tokenizer, model, max_length: int) -> dict:
+    config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and max_length > positions:
         raise ExportError(f"max_length {max_length} exceeds the model's {positions} positions")
@@ -117,6 +172,7 @@ def _task(tokenizer, config, max_length: int) -> dict:
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        "stop_token_ids": _stop_token_ids(tokenizer, model),
     }
 
 

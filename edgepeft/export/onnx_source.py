@@ -132,7 +132,8 @@ def export_onnx(
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
-        compile_._save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=options.int8_gradients)
+        gradients = options.gradients_in_int8(causal_lm=False)
+        compile_._save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=gradients)
         compile_._save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         compile_._check_loadable(out / mf.TRAINING_MODEL)  # a bundle the device cannot load is never written
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(built.peft_config, indent=2, sort_keys=True) + "\n")
@@ -154,7 +155,7 @@ def export_onnx(
                 "trainable_parameters": int(sum(math.prod(s) for s in shapes.values())),
                 "quantized_weights": len(quantized),
                 "int8_compute": int8_compute,
-                "int8_gradients": int8_compute and options.int8_gradients,
+                "int8_gradients": int8_compute and gradients,
                 "source": "onnx",
             },
         )

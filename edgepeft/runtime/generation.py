@@ -84,7 +84,7 @@ class Generator:
         ids = self._prompt_ids(prompt)
         rng = np.random.default_rng(seed)
         adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in self._trainable}
-        eos = self._data.task.eos_token_id
+        stops = self._data.task.stops
         sequence, new = list(ids), []
         past = {name: np.zeros((1, shape[1], 0, shape[3]), np.float32) for name, shape in self._past.items()}
         stopped = "max_new_tokens"
@@ -100,11 +100,11 @@ class Generator:
             token = _sample(logits[0, -1], temperature, top_k, top_p, rng)
             new.append(token)
             sequence.append(token)
-            if eos is not None and token == eos:
+            if token in stops:
                 stopped = "eos"
                 break
         decode = time.perf_counter() - started - prefill
-        text = self._data.tokenizer.decode([t for t in new if t != eos], skip_special_tokens=True)
+        text = self._data.tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
         return Generation(text, new, len(ids), stopped, prefill, decode)
 
     def _prompt_ids(self, prompt: str | list[dict]) -> list[int]:

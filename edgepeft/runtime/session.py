@@ -366,7 +366,7 @@ class TrainingSession:
         each one's gradient is taken alone and weighted by its share of the examples.
         """
         if len(micro) == 1:
-            return float(self._module(*self._feeds(micro[0]))[0])
+            return self._training_loss(micro[0])
         params = self._state.parameters
         names = [spec.name for spec in self.manifest.trainable]
         rows = sum(len(batch) for batch in micro)
@@ -374,7 +374,7 @@ class TrainingSession:
         loss_sum = 0.0
         for batch in micro:
             self._module.lazy_reset_grad()  # the next call overwrites the gradients instead of adding to them
-            loss_sum += float(self._module(*self._feeds(batch))[0]) * len(batch)
+            loss_sum += self._training_loss(batch) * len(batch)
             weight = np.float32(len(batch) / rows)
             for name in names:
                 weighted = params[name].grad * weight
@@ -382,6 +382,12 @@ class TrainingSession:
         for name in names:
             params[name]._parameter.grad.update_inplace(summed[name])  # the buffer the optimizer step reads
         return loss_sum / rows
+
+    def _training_loss(self, batch: Dataset) -> float:
+        """One forward and backward pass; its loss. ORT returns a lone array when the loss is the only output
+        (a causal LM's training graph outputs no logits)."""
+        outputs = self._module(*self._feeds(batch))
+        return float(outputs if isinstance(outputs, np.ndarray) else outputs[0])
 
     def _values_sha256(self) -> str:
         return fingerprint(self.trainable_values())
