@@ -78,9 +78,11 @@ def use_int8_compute_(
                 if all(swaps.values()):
                     removed.add(id(user))
                     done += matmuls  # exact products still read the dequantized weight
-            elif matmuls and user.op_type == "Gemm" and (nodes := _gemm(user, dq, vectors, opset, gradients, row_inputs)):
-                replaced[id(user)] = nodes
-                done += 1
+            elif matmuls and user.op_type == "Gemm":
+                nodes = _gemm(user, dq, vectors, opset, gradients, row_inputs)
+                if nodes:
+                    replaced[id(user)] = nodes
+                    done += 1
         if users and done == len(users):
             removed.add(id(dq))
 
