@@ -157,15 +157,7 @@ def check_output_directory(
         OutputError: naming the path and what to do instead.
     """
     target = Path(target)
-    resolved = target.resolve()
-    for protected in protect:
-        protected = Path(protected).resolve()
-        if _inside(resolved, protected):
-            raise OutputError(f"refusing to write {kind.name} to {target}: it is inside the bundle {protected}; "
-                              "choose a path outside it")  # fmt: skip
-        if _inside(protected, resolved):
-            raise OutputError(f"refusing to write {kind.name} to {target}: it holds the bundle {protected}, "
-                              "which would be deleted; choose another path")  # fmt: skip
+    _refuse_protected(target, kind.name, protect, holding=True)
     if target.is_symlink():
         raise OutputError(f"refusing to write {kind.name} to {target}: it is a symbolic link; give a real path")
     if not target.exists():
@@ -181,6 +173,19 @@ def check_output_directory(
     if not overwrite:
         raise OutputError(f"{target} already holds {kind.name}: pass overwrite=True to replace it")
     return target
+
+
+def _refuse_protected(target: Path, what: str, protect: Iterable[str | os.PathLike], holding: bool) -> None:
+    """Refuse a `target` equal to or inside a `protect` path (the bundle), or, with `holding`, one holding it."""
+    resolved = target.resolve()
+    for protected in protect:
+        protected = Path(protected).resolve()
+        if _inside(resolved, protected):
+            raise OutputError(f"refusing to write {what} to {target}: it is inside the bundle {protected}; "
+                              "choose a path outside it")  # fmt: skip
+        if holding and _inside(protected, resolved):
+            raise OutputError(f"refusing to write {what} to {target}: it holds the bundle {protected}, "
+                              "which would be deleted; choose another path")  # fmt: skip
 
 
 def is_onnx_model(path: Path) -> bool:
@@ -200,12 +205,7 @@ def check_output_file(
         OutputError: naming the path and what to do instead.
     """
     target = Path(target)
-    resolved = target.resolve()
-    for protected in protect:
-        protected = Path(protected).resolve()
-        if _inside(resolved, protected):
-            raise OutputError(f"refusing to write {what} to {target}: it is inside the bundle {protected}; "
-                              "choose a path outside it")  # fmt: skip
+    _refuse_protected(target, what, protect, holding=False)
     if target.is_dir():
         raise OutputError(f"refusing to write {what} to {target}: it is a directory; give a file path")
     if target.exists() and not replaceable(target):

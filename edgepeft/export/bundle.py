@@ -26,7 +26,7 @@ import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export import causal_lm
-from edgepeft.export.diagnose import training_graph_error
+from edgepeft.export.diagnose import native_stderr_silenced, training_graph_error
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers, remove_dropout_
@@ -367,7 +367,7 @@ def _generate_artifacts(
 
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
     try:
-        with _native_stderr_silenced():
+        with native_stderr_silenced():  # ORT logs every graph transformer at INFO level from C++
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=frozen, loss=None, optimizer=optim, artifact_directory=out
             )
@@ -421,20 +421,6 @@ def _transformers_warnings_silenced() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """ORT's gradient builder logs every graph transformer at INFO level from C++; keep stderr readable."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _spec(value: onnx.ValueInfoProto) -> mf.TensorSpec:

@@ -85,10 +85,8 @@ def _op_in(message: str) -> str | None:
 
 
 @contextlib.contextmanager
-def onnx_log_silenced() -> Iterator[None]:
-    """torch.onnx prints its whole IR graph on a failure (always: its logging switch is always on): discard it."""
-    sys.stdout.flush()
-    torch._C._jit_set_onnx_log_output_stream("stderr")
+def native_stderr_silenced() -> Iterator[None]:
+    """Discard what native code (ORT's C++ logging, torch.onnx's IR dump) writes to file descriptor 2."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
@@ -98,7 +96,18 @@ def onnx_log_silenced() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            torch._C._jit_set_onnx_log_output_stream("stdout")
+
+
+@contextlib.contextmanager
+def onnx_log_silenced() -> Iterator[None]:
+    """torch.onnx prints its whole IR graph on a failure (always: its logging switch is always on): discard it."""
+    sys.stdout.flush()
+    torch._C._jit_set_onnx_log_output_stream("stderr")
+    try:
+        with native_stderr_silenced():
+            yield
+    finally:
+        torch._C._jit_set_onnx_log_output_stream("stdout")
 
 
 class _FunctionRecorder(TorchFunctionMode):
