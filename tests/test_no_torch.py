@@ -7,7 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-DEVICE_SCRIPT = textwrap.dedent(
+# A device process: any import of torch fails (also imported by the other tests that train with torch blocked).
+TORCH_BLOCKED = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
@@ -18,7 +19,11 @@ DEVICE_SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, NoTorch())
     sys.modules["torch"] = None
+    """
+)
 
+DEVICE_SCRIPT = TORCH_BLOCKED + textwrap.dedent(
+    """
     from edgepeft.runtime import TrainConfig, TrainingSession
 
     bundle, train_csv, test_csv, adapter = sys.argv[1:5]

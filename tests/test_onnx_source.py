@@ -18,6 +18,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
+from test_no_torch import TORCH_BLOCKED
 
 from edgepeft.cli import main
 from edgepeft.errors import ExportError
@@ -67,18 +68,8 @@ SUPPORTED = [
     for name, what, tests in _PROVED
 ]
 
-DEVICE_SCRIPT = textwrap.dedent(
+DEVICE_SCRIPT = TORCH_BLOCKED + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked on this device: {name}")
-
-    sys.meta_path.insert(0, NoTorch())
-    sys.modules["torch"] = None
-
     import numpy as np
     from edgepeft.runtime import TrainConfig, TrainingSession
 

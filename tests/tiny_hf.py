@@ -1,4 +1,4 @@
-"""Tiny Hugging Face classifier directories, one per family, made offline in a second (see survey_hf.py).
+"""Tiny Hugging Face classifier directories, one per family, made offline in a second.
 
 Each is built from its transformers config class (hidden 32, 2 layers, 2 heads, vocab 100): `fresh` as
 initialised from the config (every LayerNorm weight ones, biases zeros) or perturbed by small noise (a

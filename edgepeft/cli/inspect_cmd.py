@@ -25,8 +25,8 @@ def inspect(path: str) -> None:
 
 
 def _inspect_bundle(path: Path) -> None:
-    from edgepeft.fileio import sha256_file
     from edgepeft.manifest import Manifest
+    from edgepeft.runtime.bundle import CORRUPTED, MISSING, OUTSIDE, file_problem
 
     m = Manifest.load(path)
     click.echo(f"bundle {path}")
@@ -37,17 +37,15 @@ def _inspect_bundle(path: Path) -> None:
     click.echo(f"  trainable:  {len(m.trainable)} tensors, {m.stats.get('trainable_parameters', 0):,} parameters")
     click.echo(f"  base:       sha256 {m.base_fingerprint[:16]}...")
     damaged = []
+    shown = {MISSING: "MISSING", OUTSIDE: "LINKS OUTSIDE THE BUNDLE",
+             CORRUPTED: "CORRUPTED: its sha256 differs from the manifest"}  # fmt: skip
     for name, digest in sorted(m.files.items()):
-        file = path / name
-        problem = None
-        if not file.is_file():
-            problem = "MISSING"
-        elif sha256_file(file) != digest:
-            problem = "CORRUPTED: its sha256 differs from the manifest"
+        problem = file_problem(path, name, digest)
         if problem:
             damaged.append(name)
+        file = path / name
         size = human_size(file.stat().st_size) if file.is_file() else "-"
-        click.echo(f"  file:       {name} ({size}{', ' + problem if problem else ''})")
+        click.echo(f"  file:       {name} ({size}{', ' + shown[problem] if problem else ''})")
     if damaged:
         raise EdgePeftError(f"bundle {path} is damaged: {', '.join(damaged)} (export it again)")
 

@@ -44,13 +44,29 @@ def open_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     for name in REQUIRED:
         if name not in manifest.files:
             raise BundleError(f"bundle manifest does not list {name}")
-    root = path.resolve()
+    messages = {
+        MISSING: f"is missing from {path}",
+        OUTSIDE: "links outside the bundle",
+        CORRUPTED: "is corrupted: its sha256 differs from the manifest",
+    }
     for name, digest in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"bundle file {name} is missing from {path}")
-        if not file.resolve().is_relative_to(root):
-            raise BundleError(f"bundle file {name} links outside the bundle")
-        if verify and sha256_file(file) != digest:
-            raise BundleError(f"bundle file {name} is corrupted: its sha256 differs from the manifest")
+        problem = file_problem(path, name, digest, verify)
+        if problem is not None:
+            raise BundleError(f"bundle file {name} {messages[problem]}")
     return Bundle(path, manifest)
+
+
+MISSING, OUTSIDE, CORRUPTED = "missing", "outside", "corrupted"
+
+
+def file_problem(path: Path, name: str, digest: str, verify: bool = True) -> str | None:
+    """What is wrong with one file the manifest lists: MISSING, OUTSIDE (a link out of the bundle), CORRUPTED
+    (its sha256 differs; checked only with `verify`), or None."""
+    file = path / name
+    if not file.is_file():
+        return MISSING
+    if not file.resolve().is_relative_to(path.resolve()):
+        return OUTSIDE
+    if verify and sha256_file(file) != digest:
+        return CORRUPTED
+    return None
