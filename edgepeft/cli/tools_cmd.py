@@ -13,24 +13,39 @@ from edgepeft.cli.app import Command
 from edgepeft.cli.common import check_report, comma_ints, comma_list, write_report
 
 
+DEMO_DEFAULTS = {"classify": ("edgepeft-demo", 2, 2e-3), "lm": ("edgepeft-demo-lm", 1, 1e-3)}
+
+
 @click.command(cls=Command)
-@click.option(
-    "--out",
-    default="edgepeft-demo",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Working directory for the bundles, data split and adapter.",
-)
-@click.option("--epochs", default=2, show_default=True)
-@click.option("--lr", "learning_rate", default=2e-3, show_default=True)
+@click.argument("task", type=click.Choice(sorted(DEMO_DEFAULTS)), default="classify")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Working directory for the bundle, data and adapter [default: edgepeft-demo, edgepeft-demo-lm].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs [default: 2; lm: 1].")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate [default: 2e-3; lm: 1e-3].")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop training after this many steps (lm).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
-def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | None) -> None:
-    """Fine-tune all-MiniLM-L6-v2 on Jane Austen passages on this device, and print the figures."""
-    from edgepeft.demo import run_demo
+def demo(task: str, out: str | None, epochs: int | None, learning_rate: float | None, max_steps: int | None,
+         seed: int, report: str | None) -> None:  # fmt: skip
+    """Fine-tune on Jane Austen on this device and print the figures.
 
+    TASK `classify` (the default): all-MiniLM-L6-v2 learns which novel a passage is from. TASK `lm`:
+    SmolLM2-135M-Instruct learns the style of Emma; perplexity on the six novels and continuations before/after.
+    """
+    default_out, default_epochs, default_lr = DEMO_DEFAULTS[task]
+    out_dir, epochs, learning_rate = Path(out or default_out), epochs or default_epochs, learning_rate or default_lr
     check_report(report)
-    figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
+    if task == "lm":
+        from edgepeft.demo_lm import run_lm_demo
+
+        figures = run_lm_demo(out_dir, epochs=epochs, learning_rate=learning_rate, seed=seed, max_steps=max_steps)
+    else:
+        from edgepeft.demo import run_demo
+
+        if max_steps is not None:
+            raise click.UsageError("--max-steps applies to the lm demo")
+        figures = run_demo(out_dir, epochs=epochs, learning_rate=learning_rate, seed=seed)
     write_report(report, figures)
     click.echo(json.dumps(figures, indent=2, sort_keys=True))
 
