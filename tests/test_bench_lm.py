@@ -1,0 +1,61 @@
+"""`edgepeft bench lm`: the SmolLM2 workload side by side with PyTorch + PEFT (a smoke run: figures, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgepeft.bench.lm import LMBenchConfig, summarize
+from edgepeft.errors import InputError
+
+
+def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgepeft.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_classify_flags_are_refused_for_the_lm_workload(tmp_path):
+    run = _cli("bench", "lm", "--seqs", "64", "--out", str(tmp_path / "b"))
+    assert run.returncode == 2
+    assert "--seqs" in run.stderr and "lm" in run.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_config_is_validated():
+    with pytest.raises(InputError, match="agree_tokens"):
+        LMBenchConfig(max_new_tokens=8, agree_tokens=20)
+    with pytest.raises(InputError, match="steps"):
+        LMBenchConfig(steps=0)
+
+
+def test_greedy_agreement_counts_prompts_whose_first_tokens_match():
+    run = {"train": [{"median_ms": 100.0, "tokens_per_step": 256, "peak_rss_mb": 1.0, "torch_loaded": False}],
+           "perplexity": {"perplexity": 10.0}}  # fmt: skip
+    ours = {**run, "generate": [{"tokens_per_s": 2.0, "peak_rss_mb": 1.0, "torch_loaded": False,
+                                 "token_ids": [[1, 2, 3], [4, 5, 6], [7]]}]}  # fmt: skip
+    theirs = {**run, "generate": [{"tokens_per_s": 1.0, "peak_rss_mb": 1.0, "torch_loaded": True,
+                                   "token_ids": [[1, 2, 3], [4, 9, 6], [7]]}]}  # fmt: skip
+    results = summarize(LMBenchConfig(max_new_tokens=3, agree_tokens=3), {"edgepeft": ours, "pytorch-peft": theirs},
+                        {"int8": 3, "fp32": 10, "adapter": 1})  # fmt: skip
+    assert results["greedy_agreement"]["first_3_tokens_agree"] == 2  # the second differs at token 2
+    assert results["greedy_agreement"]["common_prefix"] == [3, 1, 1]
+    assert results["ratios"]["generate_tokens_per_s"] == 2.0
+    assert results["ratios"]["bundle_int8_over_fp32"] == 0.3
+
+
+def test_smoke_run_measures_both_systems_on_smollm2(tmp_path):
+    out = tmp_path / "bench"
+    run = _cli("bench", "lm", "--smoke", "--out", str(out), timeout=2400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    ours, theirs = results["systems"]["edgepeft"], results["systems"]["pytorch-peft"]
+    assert ours["torch_loaded"] is False and theirs["torch_loaded"] is True
+    assert ours["train_tokens_per_s"] > 0 and theirs["train_tokens_per_s"] > 0
+    assert results["ratios"]["bundle_int8_over_fp32"] <= 0.30
+    # one adapter, scored on the host (PEFT over the fp32 model) and on the device (int8 bundle): within 2%
+    assert abs(results["ratios"]["perplexity_device_over_host"] - 1) < 0.02
+    assert results["greedy_agreement"]["prompts"] == 2
+    assert "| training tokens/s |" in (out / "results.md").read_text()
