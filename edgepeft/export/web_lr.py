@@ -10,7 +10,7 @@ the rate itself, from a small table and the optimizer's own `step` input:
 through ORT's API every step, computes exactly what it did before. A runtime without a setter rewrites the
 table's eight floats in the model's bytes before it opens the optimizer (they follow the 16-byte MAGIC, which
 occurs once in the file; the length does not change) with `mode` 1: the rate of run step
-`step + step_offset` is then `TrainConfig.learning_rate_at` (warm-up, then constant/linear/cosine = 0/1/2),
+`step - 1 + step_offset` (ORT feeds the first step as 1) is then `TrainConfig.learning_rate_at` (warm-up, then constant/linear/cosine = 0/1/2),
 computed in float32. `step_offset` lets a resumed run (a fresh optimizer state, whose `step` starts at 0)
 continue the schedule where it stopped. `edgepeft/web/src/lr.js` writes the table.
 """
@@ -60,7 +60,8 @@ def bake_learning_rate_(model: onnx.ModelProto) -> None:
     one, zero, half = const(p + "one", 1.0), const(p + "zero", 0.0), const(p + "half", 0.5)
     pi = const(p + "pi", float(np.pi))
     step = node("Cast", [STEP_INPUT], p + "step_f", to=TensorProto.FLOAT)
-    s = node("Add", [step, field["step_offset"]], p + "s")
+    # ORT counts the step before it runs the graph: the first optimizer step is fed step 1
+    s = node("Sub", [node("Add", [step, field["step_offset"]], p + "s_1based"), one], p + "s")
     base = field["learning_rate"]
     warmup = field["warmup_steps"]
     # warm-up: lr * (s + 1) / (warmup + 1)
