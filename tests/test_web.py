@@ -213,3 +213,42 @@ def test_the_page_trains_in_chromium_and_peft_loads_the_downloaded_adapter(tiny_
     with torch.no_grad():
         host = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
     assert host.argmax(-1).tolist() == result["heldOutPredictions"]
+
+
+def test_the_demo_minilm_int8_bundle_trains_in_chromium_and_peft_agrees(minilm_int8, minilm_dir, austen_split, tmp_path):
+    """A few steps of the real MiniLM int8 bundle in the page (benchmarks/web_acceptance.py runs the long one)."""
+    need_chromium()
+    import peft
+    import torch
+    from conftest import AUSTEN_LABELS
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgepeft.webserve import WebApp, serve_in_thread
+
+    train_csv, test_csv = austen_split
+    held_out = tmp_path / "held-out.csv"
+    with open(test_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:48]
+    with held_out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    app = WebApp(minilm_int8)
+    server, url = serve_in_thread(app)
+    try:
+        report = node_json("test/browser_train.mjs", "--url", url, "--data", train_csv, "--eval-data", held_out,
+                           "--out", tmp_path / "downloads", "--lr", "5e-3", "--max-steps", "10", timeout=900)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = report["result"]
+    assert report["foreign"] == [] and report["crossOriginIsolated"] is True
+    assert result["steps"] == 10 and result["after"]["loss"] < result["before"]["loss"]
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=len(AUSTEN_LABELS))
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "downloads").eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    texts = [row["text"] for row in rows]
+    with torch.no_grad():
+        host = model(**tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")).logits
+    agreement = float((host.argmax(-1).numpy() == np.array(result["heldOutPredictions"])).mean())
+    assert agreement >= 0.95  # 48 passages: one disagreement is 2% (the acceptance run: 99.4% of 480)
