@@ -59,7 +59,8 @@ def test_a_js_step_equals_a_python_step_at_the_same_learning_rate(tiny_text_bund
     session.train(session.load_data(data), config)
     python = _flat(session.trainable_values())
     node("bin/edgepeft-web-train.mjs", "--bundle", bundle, "--data", data, "--lr", "5e-3", "--schedule", schedule,
-         "--warmup", str(warmup), "--no-shuffle", "--max-steps", str(steps), "--values-out", tmp_path / "v.bin")  # fmt: skip
+         "--warmup", str(warmup), "--no-shuffle", "--max-steps", str(steps),
+         "--values-out", tmp_path / "v.bin")  # fmt: skip
     js = np.fromfile(tmp_path / "v.bin", dtype=np.float32)
     assert np.abs(python - start).max() > 1e-3 * min(steps, 2)  # the steps moved the parameters
     assert np.abs(js - python).max() <= STEP_ATOL
@@ -69,7 +70,8 @@ def test_js_and_python_tokenizers_give_identical_ids_on_austen(minilm_int8, tmp_
     need_node_modules()
     from edgepeft.demo import austen_rows
 
-    edge = ["ÉLISE  Bennet's café — naïve?!", "中文 字符 and emoji 🙂 mixed", "UPPER lower MiXeD\tTabs\nnewline",
+    edge = ["ÉLISE  Bennet's café — naïve?!", "中文 字符 and emoji 🙂 mixed",
+            "UPPER lower MiXeD\tTabs\nnewline",
             " ".join(["Pemberley"] * 300)]  # longer than max_length: truncated  # fmt: skip
     path = tmp_path / "texts.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -111,7 +113,8 @@ def test_a_run_resumes_from_saved_trainable_values(tiny_text_bundles, tmp_path):
     first = node_json("bin/edgepeft-web-train.mjs", "--bundle", bundle, "--data", data, "--eval-data", data,
                       "--lr", "5e-2", "--max-steps", "6", "--values-out", tmp_path / "v.bin")  # fmt: skip
     resumed = node_json("bin/edgepeft-web-train.mjs", "--bundle", bundle, "--data", data, "--eval-data", data,
-                        "--lr", "5e-2", "--max-steps", "6", "--step-offset", "6", "--values-in", tmp_path / "v.bin")  # fmt: skip
+                        "--lr", "5e-2", "--max-steps", "6", "--step-offset", "6",
+                        "--values-in", tmp_path / "v.bin")  # fmt: skip
     assert resumed["lossBefore"] == pytest.approx(first["lossAfter"], abs=1e-6)
     assert resumed["lossAfter"] < first["lossBefore"]
 
@@ -162,10 +165,13 @@ def test_the_server_binds_loopback_isolates_and_serves_only_known_files(served):
     assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
     assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
     assert "connect-src 'self'" in headers["Content-Security-Policy"]
-    for path in ("bundle/manifest.json", "bundle/checkpoint", "ort/ort-training-wasm-simd-threaded.wasm", "src/edgepeft.js"):
+    served_files = ("bundle/manifest.json", "bundle/checkpoint", "ort/ort-training-wasm-simd-threaded.wasm",
+                    "src/edgepeft.js", "vendor/tokenizers.mjs")
+    for path in served_files:
         assert _get(url + path)[0] == 200, path
     for path in ("bundle/..%2Fdata.csv", "bundle/other.onnx", "ort/ort.min.js", "src/..%2F..%2F__init__.py",
-                 "..%2F..%2Fpyproject.toml", "node_modules/onnxruntime-web/package.json", "page/../../cli/app.py"):  # fmt: skip
+                 "..%2F..%2Fpyproject.toml", "node_modules/onnxruntime-web/package.json",
+                 "page/../../cli/app.py"):  # fmt: skip
         assert _get(url + path)[0] == 404, path
     request = urllib.request.Request(url, data=b"x", method="POST")
     with pytest.raises(urllib.error.HTTPError):
@@ -215,7 +221,9 @@ def test_the_page_trains_in_chromium_and_peft_loads_the_downloaded_adapter(tiny_
     assert host.argmax(-1).tolist() == result["heldOutPredictions"]
 
 
-def test_the_demo_minilm_int8_bundle_trains_in_chromium_and_peft_agrees(minilm_int8, minilm_dir, austen_split, tmp_path):
+def test_the_demo_minilm_int8_bundle_trains_in_chromium_and_peft_agrees(
+    minilm_int8, minilm_dir, austen_split, tmp_path
+):
     """A few steps of the real MiniLM int8 bundle in the page (benchmarks/web_acceptance.py runs the long one)."""
     need_chromium()
     import peft
@@ -237,7 +245,8 @@ def test_the_demo_minilm_int8_bundle_trains_in_chromium_and_peft_agrees(minilm_i
     server, url = serve_in_thread(app)
     try:
         report = node_json("test/browser_train.mjs", "--url", url, "--data", train_csv, "--eval-data", held_out,
-                           "--out", tmp_path / "downloads", "--lr", "5e-3", "--max-steps", "10", timeout=900)  # fmt: skip
+                           "--out", tmp_path / "downloads", "--lr", "5e-3", "--max-steps", "10",
+                           timeout=900)  # fmt: skip
     finally:
         server.shutdown()
         server.server_close()

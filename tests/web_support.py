@@ -55,5 +55,6 @@ def learnable_csv(path: Path, rows: int = 48, seed: int = 0) -> Path:
         writer.writerow(["text", "label"])
         for i in range(rows):
             words = WORDS[:half] if i % 2 == 0 else WORDS[half:]
-            writer.writerow([" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".", "ab"[i % 2]])
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
+            writer.writerow([text, "ab"[i % 2]])
     return path

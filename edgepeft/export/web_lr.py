@@ -10,9 +10,10 @@ the rate itself, from a small table and the optimizer's own `step` input:
 through ORT's API every step, computes exactly what it did before. A runtime without a setter rewrites the
 table's eight floats in the model's bytes before it opens the optimizer (they follow the 16-byte MAGIC, which
 occurs once in the file; the length does not change) with `mode` 1: the rate of run step
-`step - 1 + step_offset` (ORT feeds the first step as 1) is then `TrainConfig.learning_rate_at` (warm-up, then constant/linear/cosine = 0/1/2),
-computed in float32. `step_offset` lets a resumed run (a fresh optimizer state, whose `step` starts at 0)
-continue the schedule where it stopped. `edgepeft/web/src/lr.js` writes the table.
+`step - 1 + step_offset` (ORT feeds the first step as 1) is then `TrainConfig.learning_rate_at`
+(warm-up, then constant/linear/cosine = 0/1/2), computed in float32. `step_offset` lets a resumed run (a fresh
+optimizer state, whose first `step` is 1 again) continue the schedule where it stopped. edgepeft/web/src/lr.js
+writes the table.
 """
 
 from __future__ import annotations
