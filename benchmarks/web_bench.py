@@ -2,9 +2,10 @@
 
 Systems: `python` (edgepeft's runtime, onnxruntime-training 1.19.2), `web-node` (edgepeft/web on onnxruntime-web
 1.19.2's training WASM under Node, one thread), and with --chromium `web-chromium` (the page in headless Chromium,
-cross-origin isolated, its threads; peak memory not measured there). Same bundle, data, batch and steps; the order
-of examples differs (each runtime shuffles with its own seeded generator). Cold start: process (or page) start to
-the end of the first training step.
+cross-origin isolated, its threads; peak memory: the renderer process's peak RSS). Same bundle, data, batch and
+steps; the order of examples differs (each runtime shuffles with its own seeded generator). Cold start: process
+start to the end of the first training step; in the page, load to a ready session plus train start (the session
+rebuilt with the schedule) to the end of the first step.
 
     PYTHONPATH=. .venv/bin/python benchmarks/web_bench.py --bundle BUNDLE --data train.csv [--steps 20] [--chromium]
 """
@@ -81,7 +82,8 @@ def chromium_system(bundle: Path, data: Path, batch: int, steps: int, out: Path)
     report = json.loads(done.stdout)
     result = report["result"]
     return {"median_step_ms": float(np.median(result["stepMs"][1:])),
-            "cold_start_ms": result["openMs"] + result["firstStepMs"], "peak_rss_mb": None}  # fmt: skip
+            "cold_start_ms": result["openMs"] + result["firstStepMs"],
+            "peak_rss_mb": (report.get("memory") or {}).get("rendererMb")}  # fmt: skip
 
 
 def main() -> None:

@@ -6,7 +6,28 @@
 // Prints a JSON report: {requests, foreign, crossOriginIsolated, result, downloads}.
 import { chromium } from "playwright-core";
 import path from "node:path";
-import { mkdir } from "node:fs/promises";
+import { mkdir, readdir, readFile } from "node:fs/promises";
+
+/** Peak RSS (VmHWM, MB) of each process under `root` (Linux /proc): the renderer's is the page's. */
+async function peakRss(root) {
+  const procs = [];
+  for (const name of await readdir("/proc").catch(() => [])) {
+    if (!/^\d+$/.test(name)) continue;
+    const status = await readFile(`/proc/${name}/status`, "utf8").catch(() => "");
+    const ppid = Number(/PPid:\s+(\d+)/.exec(status)?.[1]);
+    const hwm = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] || 0) / 1024;
+    const cmd = await readFile(`/proc/${name}/cmdline`, "utf8").catch(() => "");
+    procs.push({ pid: Number(name), ppid, hwm, renderer: cmd.includes("--type=renderer") });
+  }
+  const tree = new Set([root]);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
+  }
+  const mine = procs.filter((p) => tree.has(p.pid));
+  return { rendererMb: Math.max(0, ...mine.filter((p) => p.renderer).map((p) => p.hwm)),
+           browserTotalMb: mine.reduce((n, p) => n + p.hwm, 0) };
+}
 
 const argv = process.argv.slice(2);
 const get = (k, d) => { const i = argv.indexOf(k); return i >= 0 ? argv[i + 1] : d; };
@@ -59,6 +80,7 @@ try {
   await done;
   report.downloads = downloads;
   const origin = new URL(url).origin;
+  report.memory = await peakRss(process.pid); // the browser runs as this process's child
   report.foreign = report.requests.filter((r) => !(r.startsWith(origin + "/") || r.startsWith("blob:" + origin + "/")));
 } finally {
   await browser.close();
