@@ -11,8 +11,9 @@ from edgepeft.cli.generate_cmd import generate
 from edgepeft.cli.inspect_cmd import inspect
 from edgepeft.cli.tools_cmd import bench, demo
 from edgepeft.cli.train_cmd import train
+from edgepeft.cli.web_cmd import web
 
-for _command in (export, train, evaluate, predict, generate, inspect, adapters, demo, bench):
+for _command in (export, train, evaluate, predict, generate, inspect, adapters, demo, bench, web):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -129,6 +129,7 @@ def export(
         axes = causal_lm.SEQUENCE_AXES if traced.task is not None else None
         full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset, axes)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out, module)
+        _bake_learning_rate(out / mf.OPTIMIZER_MODEL)  # runtimes without a learning-rate setter (web)
         if traced.task is not None:  # the KV-cache graph generation runs, the same int8 weights
             generation = causal_lm.export_generation_graph(module, trainable, quantized, options.opset, Path(tmp))
             # exact products of the dequantized weights, as evaluation: int8 matmuls (a scale per token) made
@@ -373,6 +374,15 @@ def _generate_artifacts(
             )
     except Exception as e:
         raise training_graph_error(module, e, "build") from None
+
+
+def _bake_learning_rate(path: Path) -> None:
+    """Let a runtime without a learning-rate setter set the rate and schedule (see export/web_lr.py)."""
+    from edgepeft.export.web_lr import bake_learning_rate_
+
+    model = onnx.load(str(path))
+    bake_learning_rate_(model)
+    onnx.save(model, str(path))
 
 
 def _check_loadable(training_model: Path, module: nn.Module | None = None) -> None:
