@@ -65,6 +65,7 @@ class Generator:
         options.intra_op_num_threads = threads
         model: str | bytes = str(bundle.file(name))
         self._weights: list = []  # the dequantized weights and their ORT values, which share their memory
+        dequantize_once = dequantize_once and bundle.manifest.quantization == "int8"  # an fp32 bundle has none
         try:
             if dequantize_once:
                 model, weights = dequantized_graph(bundle.file(name))
