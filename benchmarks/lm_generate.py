@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+AGREE = 20  # greedy agreement is counted over the first AGREE new tokens
 
 COMMON = r"""
 import json, sys, time
@@ -61,7 +62,8 @@ for prompt in prompts:
     decode += out.decode_seconds
     steps += len(out.token_ids) - 1
     tokens.append(out.token_ids)
-base = [generator.generate(p, {k: v * 0 for k, v in values.items()}, 20, stop_ids=()).token_ids for p in prompts]
+base = [generator.generate(p, {k: v * 0 for k, v in values.items()}, args["agree"], stop_ids=()).token_ids
+        for p in prompts]
 print(json.dumps({"tokens": tokens, "seconds": seconds, "decode_tokens_per_second": steps / decode,
                   "load_seconds": load, "peak_rss_mb": peak_mb(), "no_adapter_tokens": base}))
 """
@@ -95,7 +97,7 @@ generate(prompts[0], 4)  # warm-up
 tokens, seconds = [], 0.0
 for prompt in prompts:
     t = time.perf_counter()
-    tokens.append(generate(prompt, args["new_tokens"]))
+    tokens.append(generate(prompt, args.get("count", args["new_tokens"])))
     seconds += time.perf_counter() - t
 print(json.dumps({"tokens": tokens, "seconds": seconds, "load_seconds": load, "peak_rss_mb": peak_mb(),
                   "torch_threads": torch.get_num_threads()}))
@@ -118,6 +120,10 @@ save_adapter(bundle.manifest, values, out)
 tokenizer = task_data(bundle).tokenizer  # the device's prompt ids, so every system starts from the same ids
 print(json.dumps({p: tokenizer.encode(p).ids for p in prompts}))
 """
+
+
+def _made(result: dict) -> int:
+    return sum(len(tokens) for tokens in result["tokens"])
 
 
 def _run(script: str, args: dict, timeout: int) -> dict:
@@ -177,12 +183,14 @@ def main() -> None:
         made = subprocess.run(command, capture_output=True, text=True, check=True, env=_env())
         ids = json.loads(made.stdout.strip().splitlines()[-1])
         shared = {"prompts": prompts, "new_tokens": args.new_tokens, "adapter": adapter, "ids": ids,
-                  "threads": args.threads}
+                  "threads": args.threads, "agree": AGREE}
         systems = {
             "device": (DEVICE, {"bundle": bundle, "dequantize_once": True}),
             "peft": (HOST, {"model": args.model, "int8_weights": False}),
             "device_int8_resident": (DEVICE, {"bundle": bundle, "dequantize_once": False}),
-            "peft_int8_weights": (HOST, {"model": args.model, "int8_weights": True}),
+            # the reference tokens: the first AGREE are compared
+            "peft_int8_weights": (HOST, {"model": args.model, "int8_weights": True,
+                                         "count": min(AGREE, args.new_tokens)}),
         }
         runs: dict[str, list[dict]] = {name: [] for name in systems}
         for round_ in range(args.rounds):
@@ -191,27 +199,27 @@ def main() -> None:
                     continue  # one run each: the int8-resident speed and the reference tokens
                 runs[name].append(_run(script, {**shared, **extra}, args.timeout))
                 print(f"round {round_ + 1} {name}: {runs[name][-1]['seconds']:.1f} s", file=sys.stderr)
-    total = args.prompts * args.new_tokens
     report = {"threads": args.threads or "default", "prompts": args.prompts,
               "prompt_tokens": [len(ids[p]) for p in prompts], "new_tokens": args.new_tokens}
     for name, results in runs.items():
         report[name] = {
-            "tokens_per_second": [round(total / r["seconds"], 2) for r in results],
+            "tokens_per_second": [round(_made(r) / r["seconds"], 2) for r in results],
             "peak_rss_mb": [round(r["peak_rss_mb"]) for r in results],
             "load_seconds": [round(r["load_seconds"], 1) for r in results],
         }
         if "decode_tokens_per_second" in results[0]:
             report[name]["decode_tokens_per_second"] = [round(r["decode_tokens_per_second"], 2) for r in results]
-    median = {name: statistics.median(total / r["seconds"] for r in results) for name, results in runs.items()}
+    median = {name: statistics.median(_made(r) / r["seconds"] for r in results) for name, results in runs.items()}
     report["speedup_device_over_peft"] = round(median["device"] / median["peft"], 2)
     rss = {name: statistics.median(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
     report["rss_device_over_peft"] = round(rss["device"] / rss["peft"], 2)
     device = runs["device"][0]["tokens"]
-    report["greedy_vs_peft_int8_weights"] = _agreement(device, runs["peft_int8_weights"][0]["tokens"], 20)
-    report["greedy_vs_peft_fp32"] = _agreement(device, runs["peft"][0]["tokens"], 20)
+    report["greedy_vs_peft_int8_weights"] = _agreement(device, runs["peft_int8_weights"][0]["tokens"], AGREE)
+    report["greedy_vs_peft_fp32"] = _agreement(device, runs["peft"][0]["tokens"], AGREE)
     resident = runs["device_int8_resident"][0]["tokens"]
     report["greedy_int8_resident_vs_device"] = _agreement(resident, device, args.new_tokens)
-    report["adapter_changes_tokens"] = sum(a[:20] != b for a, b in zip(device, runs["device"][0]["no_adapter_tokens"]))
+    plain = runs["device"][0]["no_adapter_tokens"]
+    report["prompts_the_adapter_changes"] = sum(a[:AGREE] != b for a, b in zip(device, plain))
     print(json.dumps(report, indent=1))
 
 
