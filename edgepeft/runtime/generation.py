@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -181,10 +182,12 @@ class Generator:
 
 def release_free_heap() -> None:
     """Return the C heap's free pages to the system (glibc's `malloc_trim`); nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc (musl has no malloc_trim)
         return
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
