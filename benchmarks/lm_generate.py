@@ -4,15 +4,18 @@
 
 `--model` is a transformers causal LM directory (SmolLM2-135M-Instruct saved as fp32); without `--bundle` the host
 exports one first. One adapter (seeded random LoRA A and B, large enough to change the greedy tokens) is saved
-in PEFT format and used by every system. Each system runs in its own process, the rounds interleaved:
+in PEFT format and used by every system. Each system runs in its own resident process; the two timed ones take
+the prompts in turn (device, peft; then peft, device; ...), so load from elsewhere slows both alike:
 
 - `device`: `edgepeft.runtime.generation.Generator` with torch blocked (frozen weights dequantized once at load);
-- `device_int8_resident`: the same with `dequantize_once=False` (int8 weights resident, dequantized per run);
+- `device_int8_resident`: the same with `dequantize_once=False` (int8 weights resident, dequantized per run),
+  timed over one pass of the prompts after the others;
 - `peft`: `PeftModel.from_pretrained(AutoModelForCausalLM)` fp32, `generate(do_sample=False, use_cache=True)`;
 - `peft_int8_weights`: the same with each frozen weight replaced by its int8-dequantized value, the bundle's
   exact frozen weights: greedy agreement with the device against it is the int8-free comparison.
 
-Tokens/s counts new tokens over the whole `generate` call (prompt included); peak RSS is the process's VmHWM.
+Tokens/s counts new tokens over the whole `generate` call (prompt included); peak RSS is each process's VmHWM
+(its load included).
 No stop id ends a generation (every system makes `--new-tokens` tokens). Prints one JSON object.
 """
 
@@ -31,6 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 AGREE = 20  # greedy agreement is counted over the first AGREE new tokens
 
+# Each system is a resident worker: it loads once, then answers one request a line on stdin (a prompt index,
+# a token count, whether to drop the adapter) with one JSON line; "quit" answers with its peak RSS. The parent
+# alternates the timed systems prompt by prompt, so a noisy neighbour slows both alike.
 COMMON = r"""
 import json, sys, time
 def peak_mb():
@@ -39,6 +45,17 @@ def peak_mb():
             return int(line.split()[1]) / 1024
 args = json.loads(sys.argv[1])
 prompts = args["prompts"]
+def serve(load, generate):
+    print(json.dumps({"load_seconds": load}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        request = json.loads(line)
+        started = time.perf_counter()
+        tokens, decode = generate(prompts[request["prompt"]], request["count"], request.get("no_adapter", False))
+        print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - started, "decode_seconds": decode}),
+              flush=True)
+    print(json.dumps({"peak_rss_mb": peak_mb()}), flush=True)
 """
 
 DEVICE = COMMON + r"""
@@ -50,27 +67,20 @@ from edgepeft.runtime.tasks import task_data
 
 bundle = open_bundle(args["bundle"])
 values = load_adapter(bundle.manifest, args["adapter"])
+zero = {k: v * 0 for k, v in values.items()}
 started = time.perf_counter()
 generator = Generator(bundle, task_data(bundle), threads=args["threads"], dequantize_once=args["dequantize_once"])
 load = time.perf_counter() - started
-generator.generate(prompts[0], values, 4, stop_ids=())  # warm-up
-tokens, seconds, decode, steps = [], 0.0, 0.0, 0
-for prompt in prompts:
-    t = time.perf_counter()
-    out = generator.generate(prompt, values, args["new_tokens"], stop_ids=())
-    seconds += time.perf_counter() - t
-    decode += out.decode_seconds
-    steps += len(out.token_ids) - 1
-    tokens.append(out.token_ids)
-base = [generator.generate(p, {k: v * 0 for k, v in values.items()}, args["agree"], stop_ids=()).token_ids
-        for p in prompts]
-print(json.dumps({"tokens": tokens, "seconds": seconds, "decode_tokens_per_second": steps / decode,
-                  "load_seconds": load, "peak_rss_mb": peak_mb(), "no_adapter_tokens": base}))
+def generate(prompt, count, no_adapter):
+    out = generator.generate(prompt, zero if no_adapter else values, count, stop_ids=())
+    return out.token_ids, out.decode_seconds
+generate(prompts[0], 4, False)  # warm-up
+serve(load, generate)
 """
 
 HOST = COMMON + r"""
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 import peft
 from edgepeft.export.quantize import quantize_per_channel
 
@@ -86,21 +96,14 @@ if args["int8_weights"]:  # the bundle's frozen weights: each Linear/Embedding w
                 module.weight.copy_(torch.from_numpy(q.astype("float32") * scale[:, None]))
 model = peft.PeftModel.from_pretrained(model, args["adapter"]).eval()
 load = time.perf_counter() - started
-tokenizer = AutoTokenizer.from_pretrained(args["model"])
-def generate(prompt, n):
+def generate(prompt, count, no_adapter):
     ids = torch.tensor([args["ids"][prompt]])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
-generate(prompts[0], 4)  # warm-up
-tokens, seconds = [], 0.0
-for prompt in prompts:
-    t = time.perf_counter()
-    tokens.append(generate(prompt, args.get("count", args["new_tokens"])))
-    seconds += time.perf_counter() - t
-print(json.dumps({"tokens": tokens, "seconds": seconds, "load_seconds": load, "peak_rss_mb": peak_mb(),
-                  "torch_threads": torch.get_num_threads()}))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                             min_new_tokens=count, do_sample=False, use_cache=True, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist(), None
+generate(prompts[0], 4, False)  # warm-up
+serve(load, generate)
 """
 
 ADAPTER = r"""
@@ -122,16 +125,33 @@ print(json.dumps({p: tokenizer.encode(p).ids for p in prompts}))
 """
 
 
-def _made(result: dict) -> int:
-    return sum(len(tokens) for tokens in result["tokens"])
+class _Worker:
+    """One system's resident process."""
 
+    def __init__(self, script: str, args: dict):
+        command = [sys.executable, "-c", script, json.dumps(args)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+        self.load_seconds = self._answer()["load_seconds"]
 
-def _run(script: str, args: dict, timeout: int) -> dict:
-    command = [sys.executable, "-c", script, json.dumps(args)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
-    if run.returncode != 0:
-        raise SystemExit(f"a benchmark process failed:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    def ask(self, prompt: int, count: int, no_adapter: bool = False) -> dict:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "count": count, "no_adapter": no_adapter}) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> float:
+        """Stop the worker; returns its peak RSS (MB)."""
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        peak = self._answer()["peak_rss_mb"]
+        self.process.wait(timeout=60)
+        return peak
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=60)
+            raise SystemExit(f"a benchmark worker failed (exit {self.process.returncode}); its stderr is above")
+        return json.loads(line)
 
 
 def _env() -> dict:
@@ -168,7 +188,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--adapter-scale", type=float, default=0.5, help="LoRA A and B ~ N(0, scale^2 / fan_in)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads of both (0: each one's default)")
-    parser.add_argument("--timeout", type=int, default=1200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
@@ -192,33 +211,46 @@ def main() -> None:
             "peft_int8_weights": (HOST, {"model": args.model, "int8_weights": True,
                                          "count": min(AGREE, args.new_tokens)}),
         }
-        runs: dict[str, list[dict]] = {name: [] for name in systems}
-        for round_ in range(args.rounds):
-            for name, (script, extra) in systems.items():
-                if round_ and name in ("device_int8_resident", "peft_int8_weights"):
-                    continue  # one run each: the int8-resident speed and the reference tokens
-                runs[name].append(_run(script, {**shared, **extra}, args.timeout))
-                print(f"round {round_ + 1} {name}: {runs[name][-1]['seconds']:.1f} s", file=sys.stderr)
-    report = {"threads": args.threads or "default", "prompts": args.prompts,
+        workers = {name: _Worker(script, {**shared, **extra}) for name, (script, extra) in systems.items()}
+        try:
+            timed: dict[str, list[dict]] = {"device": [], "peft": []}
+            for round_ in range(args.rounds):
+                for i in range(len(prompts)):
+                    order = ("device", "peft") if (round_ + i) % 2 == 0 else ("peft", "device")
+                    for name in order:
+                        timed[name].append(workers[name].ask(i, args.new_tokens))
+                print(f"round {round_ + 1}: device {sum(r['seconds'] for r in timed['device']):.1f} s, "
+                      f"peft {sum(r['seconds'] for r in timed['peft']):.1f} s so far", file=sys.stderr)
+            resident = [workers["device_int8_resident"].ask(i, args.new_tokens) for i in range(len(prompts))]
+            reference = [workers["peft_int8_weights"].ask(i, min(AGREE, args.new_tokens))["tokens"]
+                         for i in range(len(prompts))]  # fmt: skip
+            plain = [workers["device"].ask(i, AGREE, no_adapter=True)["tokens"] for i in range(len(prompts))]
+        finally:
+            peaks = {}
+            for name, worker in workers.items():
+                try:
+                    peaks[name] = worker.close()
+                except Exception:  # a failed worker: stop it
+                    worker.process.kill()
+    made = len(prompts) * args.new_tokens * args.rounds
+    report = {"threads": args.threads or "default", "prompts": args.prompts, "rounds": args.rounds,
               "prompt_tokens": [len(ids[p]) for p in prompts], "new_tokens": args.new_tokens}
-    for name, results in runs.items():
-        report[name] = {
-            "tokens_per_second": [round(_made(r) / r["seconds"], 2) for r in results],
-            "peak_rss_mb": [round(r["peak_rss_mb"]) for r in results],
-            "load_seconds": [round(r["load_seconds"], 1) for r in results],
-        }
-        if "decode_tokens_per_second" in results[0]:
-            report[name]["decode_tokens_per_second"] = [round(r["decode_tokens_per_second"], 2) for r in results]
-    median = {name: statistics.median(_made(r) / r["seconds"] for r in results) for name, results in runs.items()}
-    report["speedup_device_over_peft"] = round(median["device"] / median["peft"], 2)
-    rss = {name: statistics.median(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
-    report["rss_device_over_peft"] = round(rss["device"] / rss["peft"], 2)
-    device = runs["device"][0]["tokens"]
-    report["greedy_vs_peft_int8_weights"] = _agreement(device, runs["peft_int8_weights"][0]["tokens"], AGREE)
-    report["greedy_vs_peft_fp32"] = _agreement(device, runs["peft"][0]["tokens"], AGREE)
-    resident = runs["device_int8_resident"][0]["tokens"]
-    report["greedy_int8_resident_vs_device"] = _agreement(resident, device, args.new_tokens)
-    plain = runs["device"][0]["no_adapter_tokens"]
+    speed = {name: made / sum(r["seconds"] for r in timed[name]) for name in timed}
+    speed["device_int8_resident"] = len(prompts) * args.new_tokens / sum(r["seconds"] for r in resident)
+    for name in systems:
+        report[name] = {"peak_rss_mb": round(peaks[name]), "load_seconds": round(workers[name].load_seconds, 1)}
+        if name in speed:
+            report[name]["tokens_per_second"] = round(speed[name], 2)
+    decode = sum(r["decode_seconds"] for r in timed["device"])
+    report["device"]["decode_tokens_per_second"] = round(len(timed["device"]) * (args.new_tokens - 1) / decode, 2)
+    per_prompt = [[timed[n][k]["seconds"] for k in range(len(timed[n]))] for n in ("peft", "device")]
+    report["speedup_device_over_peft"] = round(speed["device"] / speed["peft"], 2)
+    report["speedup_per_request"] = [round(p / d, 2) for p, d in zip(*per_prompt)]
+    report["rss_device_over_peft"] = round(peaks["device"] / peaks["peft"], 2)
+    device = [r["tokens"] for r in timed["device"][: len(prompts)]]
+    report["greedy_vs_peft_int8_weights"] = _agreement(device, reference, AGREE)
+    report["greedy_vs_peft_fp32"] = _agreement(device, [r["tokens"] for r in timed["peft"][: len(prompts)]], AGREE)
+    report["greedy_int8_resident_vs_device"] = _agreement([r["tokens"] for r in resident], device, args.new_tokens)
     report["prompts_the_adapter_changes"] = sum(a[:AGREE] != b for a, b in zip(device, plain))
     print(json.dumps(report, indent=1))
 
