@@ -141,3 +141,16 @@ def test_greedy_tokens_equal_peft_on_the_int8_weights(bundles, family, tmp_path)
             expected = host.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                                      min_new_tokens=16, do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
         assert generator.generate(prompt, values, 16, stop_ids=()).token_ids == expected[0, ids.shape[1] :].tolist()
+
+
+def test_last_position_slice_leaves_a_graph_it_cannot_slice_alone():
+    """A `logits` not made by a matmul is left as it is (every position's), and says so by returning False."""
+    from onnx import TensorProto, helper
+
+    from edgepeft.export.generation_graph import last_position_logits_
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [y]))
+    before = model.SerializeToString()
+    assert last_position_logits_(model) is False and model.SerializeToString() == before

@@ -148,7 +148,7 @@ class Generator:
         return ids
 
     def _binding(self, values: dict[str, np.ndarray]):
-        """An IOBinding holding the adapter `values` (copied once, as ORT values) for one generation."""
+        """An IOBinding holding the adapter `values` as ORT values for one generation (bound once, not fed per run)."""
         binding = self._session.io_binding()
         adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in self._trainable}
         for name, value in adapter.items():
