@@ -20,6 +20,7 @@ from torch import nn
 
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
+from edgepeft.export.generation_graph import last_position_logits_
 from edgepeft.export.graph import export_transformers
 from edgepeft.export.lora import Adapted, add_lora
 from edgepeft.export.quantize import quantize_initializers_
@@ -183,6 +184,7 @@ def export_generation_graph(
 
     Each trainable initializer is also listed as a graph input (ONNX's default-valued input), so a session feeds
     the current adapter on every run without the file being rewritten; the initializers hold the exported values.
+    Its `logits` are the last position's only (generation reads no other).
     """
     graph = export_transformers(
         module, GENERATION_TASK, work / "generation.onnx", trainable, opset, use_past_in_inputs=True
@@ -191,6 +193,7 @@ def export_generation_graph(
     missing = [n for n in trainable if n not in held]
     if missing:
         raise ExportError(f"the generation graph does not hold the trainable tensors {missing[:3]}")
+    last_position_logits_(graph)
     quantize_initializers_(graph, [n for n in quantized if n in held])
     initializers = {i.name: i for i in graph.graph.initializer}
     for name in trainable:

@@ -3,18 +3,30 @@
 The prompt runs once through the graph with an empty cache; each new token then runs one position, reading the
 keys and values of every earlier position from the cache the previous run returned. The current adapter is fed
 on every run (its tensors are overridable inputs of the graph), so generation always uses the session's values.
+
+Speed: the frozen weights are stored int8 behind `DequantizeLinear`, which ORT would run for every token (SmolLM2:
+135M values dequantized per token, most of the token's time). By default the generator dequantizes them once,
+when it is created (`runtime/dequantized.py`), and ORT multiplies the fp32 arrays it is handed: the products of
+the dequantized weights, exactly; the cost is an fp32 copy of them in memory (~540 MB for SmolLM2).
+`dequantize_once=False` keeps them int8 resident (~4x less) and dequantizes per run. The cache and the adapter
+stay in ORT values bound to the session (`IOBinding`): each run's present keys/values become the next run's past
+without a copy, and the adapter is handed over once per generation.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgepeft.errors import BundleError, InputError
 from edgepeft.runtime.bundle import Bundle
+from edgepeft.runtime.dequantized import dequantized_graph
 from edgepeft.runtime.ort import onnxruntime_module
 from edgepeft.runtime.tasks.causal_lm import CausalLMData
 
@@ -44,7 +56,7 @@ class Generation:
 class Generator:
     """An inference session on a causal LM bundle's generation graph."""
 
-    def __init__(self, bundle: Bundle, data: CausalLMData, threads: int = 0):
+    def __init__(self, bundle: Bundle, data: CausalLMData, threads: int = 0, dequantize_once: bool = True):
         name = data.task.generation_model
         if not name:
             raise BundleError(f"bundle {bundle.path} has no generation graph: export it again with this edgepeft")
@@ -52,10 +64,26 @@ class Generator:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
+        model: str | bytes = str(bundle.file(name))
+        self._weights: list = []  # the dequantized weights and their ORT values, which share their memory
+        dequantize_once = dequantize_once and bundle.manifest.quantization == "int8"  # an fp32 bundle has none
         try:
-            self._session = ort.InferenceSession(str(bundle.file(name)), options, providers=["CPUExecutionProvider"])
+            if dequantize_once:
+                model, weights = dequantized_graph(bundle.file(name))
+                # no prepacked copies of them (+540 MB for SmolLM2): one position a run multiplies by a
+                # vector, which MLAS does from the plain weight as fast
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                for weight, value in weights.items():
+                    shared = ort.OrtValue.ortvalue_from_numpy(value)
+                    options.add_initializer(weight, shared)
+                    self._weights.append((value, shared))
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises plain RuntimeErrors for unreadable models
             raise BundleError(f"ONNX Runtime cannot load {bundle.file(name)}: {str(e).splitlines()[0]}") from None
+        del model
+        if dequantize_once:
+            release_free_heap()  # the load's transient copies (the int8 graph) stay mapped otherwise
+        self._ort = ort
         self._data = data
         inputs = {i.name: i for i in self._session.get_inputs()}
         inputs.update((i.name, i) for i in self._session.get_overridable_initializers())  # the adapter's tensors
@@ -78,26 +106,26 @@ class Generator:
         top_p: float | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        stop_ids: Collection[int] | None = None,
     ) -> Generation:
-        """Continue `prompt` with the adapter `values`; `use_cache=False` reruns the whole sequence each token."""
+        """Continue `prompt` with the adapter `values`; `use_cache=False` reruns the whole sequence each token.
+
+        Generation stops at any of `stop_ids` (default: the bundle's eos and end-of-turn ids; `()`: never)."""
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         ids = self._prompt_ids(prompt)
         rng = np.random.default_rng(seed)
-        adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in self._trainable}
-        stops = self._data.task.stops
+        stops = set(self._data.task.stops if stop_ids is None else stop_ids)
+        binding = self._binding(values)
         sequence, new = list(ids), []
-        past = {name: np.zeros((1, shape[1], 0, shape[3]), np.float32) for name, shape in self._past.items()}
         stopped = "max_new_tokens"
         started = time.perf_counter()
         prefill = 0.0
         for _ in range(max_new_tokens):
             step = sequence[len(sequence) - 1 :] if use_cache and new else sequence
-            if not use_cache:
-                past = {name: value[:, :, :0] for name, value in past.items()}
-            logits, past = self._run(step, len(sequence) - len(step), past, adapter)
+            logits = self._run(binding, step, len(sequence) - len(step), first=not new or not use_cache)
             if not new:
                 prefill = time.perf_counter() - started
-            token = _sample(logits[0, -1], temperature, top_k, top_p, rng)
+            token = _sample(logits, temperature, top_k, top_p, rng)
             new.append(token)
             sequence.append(token)
             if token in stops:
@@ -119,22 +147,50 @@ class Generator:
             raise InputError(f"the prompt {prompt!r} encodes to no tokens")
         return ids
 
-    def _run(
-        self, step: list[int], offset: int, past: dict[str, np.ndarray], adapter: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One run over `step` (the tokens after `offset` cached positions); returns logits and the new cache."""
+    def _binding(self, values: dict[str, np.ndarray]):
+        """An IOBinding holding the adapter `values` as ORT values for one generation (bound once, not fed per run)."""
+        binding = self._session.io_binding()
+        adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in self._trainable}
+        for name, value in adapter.items():
+            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value))
+        binding.adapter = adapter  # ortvalue_from_numpy shares the array's memory: keep the arrays alive
+        return binding
+
+    def _run(self, binding, step: list[int], offset: int, first: bool) -> np.ndarray:
+        """One run over `step` (the tokens after `offset` cached positions, an empty cache if `first`); returns
+        the last position's logits. The outputs stay bound: the present keys/values feed the next run."""
         total = offset + len(step)
-        feeds = {
-            "input_ids": np.array([step], dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            **past,
-            **adapter,
-        }
+        feeds = {"input_ids": np.array([step], dtype=np.int64), "attention_mask": np.ones((1, total), dtype=np.int64)}
         if self._position_ids:
             feeds["position_ids"] = np.arange(offset, total, dtype=np.int64)[None, :]
-        results = dict(zip(self._outputs, self._session.run(self._outputs, feeds)))
-        present = {PAST + name[len(PRESENT) :]: value for name, value in results.items() if name.startswith(PRESENT)}
-        return results["logits"], present
+        if first:
+            feeds.update((name, np.zeros((1, shape[1], 0, shape[3]), np.float32)) for name, shape in self._past.items())
+        else:
+            outputs = binding.get_outputs()
+            for name, value in zip(self._outputs, outputs):
+                if name.startswith(PRESENT):
+                    binding.bind_ortvalue_input(PAST + name[len(PRESENT) :], value)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.feeds = feeds  # bind_cpu_input shares the arrays' memory until the run
+        for name in self._outputs:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[self._outputs.index("logits")].numpy()
+        return logits[0, -1]
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's `malloc_trim`); nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl has no malloc_trim)
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
