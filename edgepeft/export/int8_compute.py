@@ -97,8 +97,8 @@ def use_int8_compute_(
         nodes.extend(replaced.get(id(node), [node]))
     del graph.node[:]
     graph.node.extend(_fuse_bias(nodes, vectors))
-    if any(_ONE in node.input or _TINY in node.input or _FIRST_AXIS in node.input for node in graph.node):
-        graph.initializer.extend(_constants(opset))
+    read = {name for node in graph.node for name in node.input}
+    graph.initializer.extend(c for c in _constants(opset) if c.name in read)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     logger.info("%d uses of frozen int8 weights rewritten", len(replaced))
@@ -266,7 +266,7 @@ def _row_counts(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def _constants(opset: int) -> list[onnx.TensorProto]:
-    """The initializers `row_int8_matmul` reads."""
+    """The initializers the rewritten nodes may read (only those read are added)."""
     constants = [
         numpy_helper.from_array(np.array(1.0, np.float32), _ONE),
         numpy_helper.from_array(np.array(1e-30, np.float32), _TINY),

@@ -8,8 +8,9 @@ forward/backward boundary (a YieldOp) and does nothing for a training graph buil
 
 - a block is the forward nodes whose name holds `/layers.N/` (Llama), `/h.N/` (GPT-2), `/layer.N/` or
   `/blocks.N/`, as torch.onnx names them;
-- every tensor a block computes from an activation and the backward reads is computed a second time by a copy of
-  the block's nodes, and the backward reads the copy; the block's first-pass tensors then die in the forward;
+- every tensor a block computes from an activation and the backward reads (but what it passes on to the rest of
+  the forward: its output, shared rotary tables) is computed a second time by a copy of the block's nodes, and
+  the backward reads the copy; the block's first-pass tensors then die in the forward;
 - the copy starts from the block's inputs (the hidden state entering the block, the attention mask, rotary
   tables: kept, they are the checkpoint) passed through a `Slice` whose start is 0 computed from the shape of a
   gradient of that block's backward, so the copy cannot run before the backward reaches the block (ORT orders
@@ -63,11 +64,17 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
         match = BLOCK.search(node.name)
         if match:
             blocks[int(match.group(1))].append(node)
+    forward_reads: dict[str, set[int]] = defaultdict(set)  # tensor -> ids of the forward nodes reading it
+    for node in forward:
+        for name in node.input:
+            forward_reads[name].add(id(node))
     insert: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # backward position -> copies to run before it
     rewritten = 0
     for index, members in sorted(blocks.items()):
         inside = {out for node in members for out in node.output}
-        saved = [t for t in inside if t in backward_reads and t not in static]
+        members_ids = {id(node) for node in members}
+        # what the block passes on (its output, shared tables) lives on anyway: the backward reads it as it is
+        saved = [t for t in inside if t in backward_reads and t not in static and forward_reads[t] <= members_ids]
         if not saved:
             continue
         needed = _ancestors(saved, producer, inside, static)
