@@ -33,6 +33,7 @@ from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, expo
 from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
 from edgepeft.export.quantize import quantize_initializers_
+from edgepeft.export.recompute import recompute_blocks_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.export.transformers_models import (
     BERT_LIKE_TARGETS,
@@ -142,8 +143,11 @@ def export(
         if traced.task is not None:
             causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
         int8_gradients = options.gradients_in_int8(causal_lm=traced.task is not None)
+        data_inputs = [v.name for v in forward.graph.input if v.name not in held] + [LABELS_INPUT]
+        recompute = options.recompute_blocks(causal_lm=traced.task is not None)
         _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=int8_gradients,
-              row_inputs=traced.task is not None)  # a language model's outlier tokens need a scale per row
+              row_inputs=traced.task is not None,  # a language model's outlier tokens need a scale per row
+              recompute_inputs=data_inputs if recompute else None)  # fmt: skip
         _check_loadable(out / mf.TRAINING_MODEL, module)  # a bundle the device cannot load is never written
         _save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         (out / mf.ADAPTER_CONFIG).write_text(json.dumps(traced.adapted.peft_config, indent=2, sort_keys=True) + "\n")
@@ -408,16 +412,20 @@ def _save(
     gradients: bool = False,
     inference: bool = False,
     row_inputs: bool = False,
+    recompute_inputs: list[str] | None = None,
 ) -> None:
     """Write one of the bundle's graphs; with `int8_compute`, gathers (and, if `matmuls`, matmuls, their inputs
     quantized per row if `row_inputs`; if `gradients`, input-gradient matmuls) use int8. An `inference` graph has
-    no Dropout (LoRA's is off)."""
-    if int8_compute or inference:
+    no Dropout (LoRA's is off). With `recompute_inputs` (the training graph's data inputs), each transformer block's
+    activations are recomputed in the backward pass."""
+    if int8_compute or inference or recompute_inputs is not None:
         model = copy.deepcopy(model)
     if inference:
         remove_dropout_(model)
     if int8_compute:
         use_int8_compute_(model, matmuls=matmuls, gradients=gradients, row_inputs=row_inputs)
+    if recompute_inputs is not None:
+        recompute_blocks_(model, recompute_inputs)
     onnx.save(model, str(path))
 
 

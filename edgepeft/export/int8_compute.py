@@ -54,6 +54,8 @@ def use_int8_compute_(
             consumers[name].append(node)
 
     vectors = _vectors(graph)
+    _ROWS.clear()
+    _ROWS.update(_row_counts(graph))
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> nodes in its place
     removed: set[int] = set()
@@ -95,8 +97,8 @@ def use_int8_compute_(
         nodes.extend(replaced.get(id(node), [node]))
     del graph.node[:]
     graph.node.extend(_fuse_bias(nodes, vectors))
-    if any(_ONE in node.input or _TINY in node.input for node in graph.node):
-        graph.initializer.extend(_constants(opset))
+    read = {name for node in graph.node for name in node.input}
+    graph.initializer.extend(c for c in _constants(opset) if c.name in read)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     logger.info("%d uses of frozen int8 weights rewritten", len(replaced))
@@ -209,7 +211,14 @@ def row_int8_matmul(
 
 
 def _dequantized_matmul(name: str, gradient: str, dequantize: onnx.NodeProto, output: str) -> list[onnx.NodeProto]:
-    """`gradient @ DQ(W)` in fp32, with a `DequantizeLinear` of its own, so the fp32 weight lives for one matmul."""
+    """`gradient @ DQ(W)` in fp32, with a `DequantizeLinear` of its own, so the fp32 weight lives for one matmul.
+
+    A weight of more than `CHUNK_ROWS` rows (a tied lm_head: SmolLM2's 49,152 x 576 is 113 MB in fp32, at the
+    backward's start, when the most is alive) is dequantized and multiplied `CHUNK_ROWS` rows at a time.
+    """
+    rows = _ROWS.get(dequantize.input[0], 0)
+    if rows > CHUNK_ROWS:
+        return chunked_dequantized_matmul(name, gradient, list(dequantize.input), output, rows)
     weight = f"{name}/weight"
     return [
         helper.make_node("DequantizeLinear", dequantize.input, [weight], name=f"{name}/dequantize", axis=0),
@@ -217,16 +226,57 @@ def _dequantized_matmul(name: str, gradient: str, dequantize: onnx.NodeProto, ou
     ]
 
 
+CHUNK_ROWS = 8192
+_ROWS: dict[str, int] = {}  # quantized weight -> its rows, for the rewrite under way
+
+
+def chunked_dequantized_matmul(
+    name: str, gradient: str, dq_inputs: list[str], output: str, rows: int, chunk: int = CHUNK_ROWS
+) -> list[onnx.NodeProto]:
+    """`gradient @ DQ(W)` as the sum over row blocks `gradient[..., a:b] @ DQ(W[a:b])`: exact up to float
+    summation order, and no fp32 block larger than `chunk` rows of W exists at once."""
+    nodes, parts = [], []
+    for i, begin in enumerate(range(0, rows, chunk)):
+        p = f"{name}/chunk{i}"
+        bounds = [f"{p}/begin", f"{p}/end"]
+        nodes.append(helper.make_node("Constant", [], [bounds[0]], name=bounds[0],
+                                      value=numpy_helper.from_array(np.array([begin], np.int64))))  # fmt: skip
+        nodes.append(helper.make_node("Constant", [], [bounds[1]], name=bounds[1],
+                                      value=numpy_helper.from_array(np.array([min(begin + chunk, rows)], np.int64))))  # fmt: skip
+        pieces = []
+        for j, tensor in enumerate(dq_inputs):
+            pieces.append(f"{p}/w{j}")
+            nodes.append(helper.make_node("Slice", [tensor, *bounds, _FIRST_AXIS], [pieces[-1]], name=pieces[-1]))
+        nodes.append(helper.make_node("DequantizeLinear", pieces, [f"{p}/weight"], name=f"{p}/dequantize", axis=0))
+        nodes.append(helper.make_node("Slice", [gradient, *bounds, _LAST_AXIS], [f"{p}/gradient"], name=f"{p}/g"))
+        nodes.append(helper.make_node("MatMul", [f"{p}/gradient", f"{p}/weight"], [f"{p}/product"], name=p))
+        parts.append(f"{p}/product")
+    nodes.append(helper.make_node("Sum", parts, [output], name=name))
+    return nodes
+
+
+def _row_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """The first dimension of each graph input and initializer that has a fixed one."""
+    counts = {i.name: int(i.dims[0]) for i in graph.initializer if i.dims}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            counts[value.name] = int(dims[0].dim_value)
+    return counts
+
+
 def _constants(opset: int) -> list[onnx.TensorProto]:
-    """The initializers `row_int8_matmul` reads."""
+    """The initializers the rewritten nodes may read (only those read are added)."""
     constants = [
         numpy_helper.from_array(np.array(1.0, np.float32), _ONE),
         numpy_helper.from_array(np.array(1e-30, np.float32), _TINY),
+        numpy_helper.from_array(np.array([-1], np.int64), _LAST_AXIS),
+        numpy_helper.from_array(np.array([0], np.int64), _FIRST_AXIS),
     ]
-    return constants + ([numpy_helper.from_array(np.array([-1], np.int64), _LAST_AXIS)] if opset >= 18 else [])
+    return constants
 
 
-_ONE, _TINY, _LAST_AXIS = "row_int8/one", "row_int8/tiny", "row_int8/last_axis"
+_ONE, _TINY, _LAST_AXIS, _FIRST_AXIS = "row_int8/one", "row_int8/tiny", "row_int8/last_axis", "row_int8/first_axis"
 
 
 def _transposed_matmul(node: onnx.NodeProto, transposed: str, weight: str) -> list[onnx.NodeProto] | None:

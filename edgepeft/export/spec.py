@@ -75,6 +75,10 @@ class ExportOptions:
     # perplexity 37.8 -> 149 after 30 steps at 1 x 256) and trained with fp32 ones (37.8 -> 33.6; PyTorch + PEFT
     # fp32 37.9 -> 29.8 on the same blocks), the weights still int8-resident.
     int8_gradients: bool | None = None
+    # recompute each transformer block's activations in the backward pass instead of keeping them from the
+    # forward (`export/recompute.py`). None: on for a causal LM (SmolLM2 at 1 x 256: peak 1236 -> 858 MB, a step
+    # ~20% longer), off otherwise (a classifier's few short layers keep little).
+    recompute: bool | None = None
     profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
     # the base model's hub name, written as adapters' base_model_name_or_path (default: config.json's
     # `_name_or_path` unless it is a path, else the model directory's name; none for a torch module)
@@ -90,6 +94,10 @@ class ExportOptions:
         """Whether the backward matmuls run in int8: `int8_gradients`, or by default all but causal LMs'."""
         return (not causal_lm) if self.int8_gradients is None else self.int8_gradients
 
+    def recompute_blocks(self, causal_lm: bool) -> bool:
+        """Whether the training graph recomputes block activations: `recompute`, or by default causal LMs'."""
+        return causal_lm if self.recompute is None else self.recompute
+
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ExportError(f"`loss` must be one of {LOSSES} ('custom' with a torch loss module), got {self.loss!r}")
@@ -99,6 +107,8 @@ class ExportOptions:
             raise ExportError(f"`quantization` must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if not isinstance(self.int8_compute, bool):
             raise ExportError(f"`int8_compute` must be True or False, got {self.int8_compute!r}")
+        if self.recompute is not None and not isinstance(self.recompute, bool):
+            raise ExportError(f"`recompute` must be True, False or None (the model's default), got {self.recompute!r}")
         if self.int8_gradients is not None and not isinstance(self.int8_gradients, bool):
             raise ExportError(f"`int8_gradients` must be True, False or None (the model's default), "
                               f"got {self.int8_gradients!r}")  # fmt: skip

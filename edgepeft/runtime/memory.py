@@ -43,6 +43,8 @@ def profile_sizes(manifest: Manifest) -> list[tuple[int, int]]:
     if sequence_axis(manifest) is None:
         return [(1, 1), (8, 1), (32, 1)]
     top = manifest.max_length or 128
+    if manifest.task is not None:  # a language model: one block at a time is its usual step, and 8 x 256 of
+        return [(1, max(8, top // 4)), (1, max(8, top // 2)), (2, top)]  # SmolLM2 would take a minute
     return [(1, max(8, top // 8)), (4, max(8, top // 2)), (8, top)]
 
 
@@ -94,7 +96,10 @@ def _measure(bundle: str) -> list[tuple[int, int, float]]:
         for spec in manifest.inputs:
             shape = [batch if i == 0 else (length if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
             features[spec.name] = np.ones(shape, dtype=spec.dtype)
-        labels = session._dummy_labels(session.dataset(features))
+        if manifest.task is not None:  # next-token labels: one per position (the token ids themselves)
+            labels = np.ones((batch, length), dtype=manifest.label.dtype)
+        else:
+            labels = session._dummy_labels(session.dataset(features))
         session._module.train()
         for _ in range(2):
             session._module(*[features[s.name] for s in manifest.inputs], labels)
