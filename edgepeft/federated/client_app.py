@@ -39,12 +39,14 @@ def _partition(context: Context) -> int:
                          "'partition-id=0 num-partitions=N')") from None  # fmt: skip
 
 
-def _record(settings: FedSettings, name: str, arrays: dict[str, np.ndarray]) -> None:
-    """Tests: write what this client really computed, to compare with what the server sees."""
+def _record(settings: FedSettings, name: str, start: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+    """Tests: write what this client really computed (its new values and update), to compare with what the
+    server receives."""
     if settings.record_dir:
         path = Path(settings.record_dir) / f"{name}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
+        np.savez(path, **{f"values/{k}": v for k, v in values.items()},
+                 **{f"update/{k}": values[k] - start[k] for k in values})  # fmt: skip
 
 
 def make_client_app(settings: FedSettings | None = None) -> ClientApp:
@@ -68,8 +70,7 @@ def make_client_app(settings: FedSettings | None = None) -> ClientApp:
         start = from_record(msg.content["arrays"], session.manifest)
         server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
         result = device.train_round(s, partition, start, server_round)
-        _record(s, f"client-{partition}-round-{server_round}",
-                {k: result.values[k] - start[k] for k in result.values})  # fmt: skip
+        _record(s, f"client-{partition}-round-{server_round}", start, result.values)
         metrics = MetricRecord({"num-examples": result.examples, "unit-weight": 1, "train-loss": result.loss,
                                 "train-seconds": result.seconds, "upload-bytes": nbytes(result.values)})  # fmt: skip
         device.assert_torch_free()
@@ -106,8 +107,7 @@ def make_secagg_client_app(settings: FedSettings | None = None) -> ClientApp:
             start = from_ordered(parameters, self.session.manifest)
             server_round = int(config.get("server-round", 0))
             result = device.train_round(self.s, self.partition, start, server_round)
-            _record(self.s, f"client-{self.partition}-round-{server_round}",
-                    {k: result.values[k] - start[k] for k in result.values})  # fmt: skip
+            _record(self.s, f"client-{self.partition}-round-{server_round}", start, result.values)
             device.assert_torch_free()
             return ordered(result.values), result.examples, {"train-loss": result.loss,
                                                              "upload-bytes": nbytes(result.values)}  # fmt: skip

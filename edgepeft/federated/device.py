@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def assert_torch_free() -> None:
     """Refuse to run the device side in a process that has imported torch (a device has none)."""
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:  # None: blocked, as on a device
         raise RuntimeError("torch is loaded in the device process: the federated client must run torch-free")
 
 

@@ -69,6 +69,8 @@ def _record_received(settings: FedSettings, grid: Grid) -> Grid:
     """Tests: a Grid that writes every array the server receives to `record_dir/server-received-*.npz`."""
     if not settings.record_dir:
         return grid
+    from flwr.common import bytes_to_ndarray
+
     count = [0]
 
     class Recording:
@@ -85,9 +87,16 @@ def _record_received(settings: FedSettings, grid: Grid) -> Grid:
                             arrays[f"{rkey}/{akey}"] = array.numpy()
                     for rkey, record in reply.content.config_records.items():  # SecAgg+ ships vectors here
                         for ckey, value in record.items():
-                            if isinstance(value, list) and value and isinstance(value[0], (int, float, bytes)):
-                                if not isinstance(value[0], bytes):
-                                    arrays[f"{rkey}/{ckey}"] = np.asarray(value)
+                            if not isinstance(value, list) or not value:
+                                continue
+                            if isinstance(value[0], bytes):  # serialized arrays (the masked vectors), else opaque
+                                for i, item in enumerate(value):
+                                    try:
+                                        arrays[f"{rkey}/{ckey}/{i}"] = bytes_to_ndarray(item)
+                                    except Exception:  # noqa: BLE001  (encrypted shares are not arrays)
+                                        pass
+                            elif isinstance(value[0], (int, float)):
+                                arrays[f"{rkey}/{ckey}"] = np.asarray(value)
                     if arrays:
                         np.savez(Path(settings.record_dir) / f"server-received-{count[0]}.npz", **arrays)
                         count[0] += 1
