@@ -114,8 +114,9 @@ def run_fedavg(settings: FedSettings, grid: Grid) -> dict[str, Any]:
     per_round = settings.clients_per_round
     # Flower's RDP accounting holds only for an unweighted mean (every client's clipped update counts the same)
     weight = "unit-weight" if settings.privacy == "central" else "num-examples"
-    strategy: Any = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=per_round,
-                           min_available_nodes=per_round, min_evaluate_nodes=0, weighted_by_key=weight)  # fmt: skip
+    low = min(settings.round_minimum, per_round)
+    strategy: Any = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=low,
+                           min_available_nodes=low, min_evaluate_nodes=0, weighted_by_key=weight)  # fmt: skip
     if settings.privacy == "central":
         from flwr.serverapp import RdpAccountant
         from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
@@ -132,7 +133,8 @@ def run_fedavg(settings: FedSettings, grid: Grid) -> dict[str, Any]:
         return MetricRecord(evaluator(server_round, from_record(arrays, manifest)))
 
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=settings.rounds,
-                            train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)  # fmt: skip
+                            timeout=settings.round_timeout, train_config=ConfigRecord({}),
+                            evaluate_fn=evaluate_fn)  # fmt: skip
     final = from_record(result.arrays, manifest)
     train_metrics = {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
     return evaluator.finish(final, {"train_metrics": train_metrics, "engine": "fedavg"})

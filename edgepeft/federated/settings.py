@@ -27,6 +27,8 @@ class FedSettings:
     test_data: str = ""  # the server's held-out data for the global adapter's accuracy ("" none)
     rounds: int = 3
     fraction_train: float = 1.0
+    min_clients: int = 0  # a round starts with this many connected clients (0: all `clients_per_round`)
+    round_timeout: float = 3600.0  # seconds a round waits for replies; a client that drops out is left out
     alpha: float = 0.3
     partition_seed: int = 0
     local_epochs: int = 1
@@ -51,6 +53,8 @@ class FedSettings:
             raise InputError(f"`rounds` must be at least 1, got {self.rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise InputError(f"`fraction_train` must be in (0, 1], got {self.fraction_train}")
+        if self.min_clients < 0 or self.round_timeout <= 0:
+            raise InputError("`min_clients` must be >= 0 and `round_timeout` positive")
         if self.alpha <= 0:
             raise InputError(f"`alpha` must be positive, got {self.alpha}")
         if self.local_epochs < 1 or self.batch_size < 1 or self.max_steps < 0:
@@ -65,6 +69,11 @@ class FedSettings:
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.num_partitions * self.fraction_train))
+
+    @property
+    def round_minimum(self) -> int:
+        """How many clients a round needs before it starts (and the fewest it is sampled from)."""
+        return self.min_clients or self.clients_per_round
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         return {f"edgepeft-{key.replace('_', '-')}": value for key, value in asdict(self).items()}
