@@ -141,3 +141,22 @@ def test_client_app_trains_torch_free_and_replies_only_adapter_tensors_and_metri
     assert set(out["metrics"]["metrics"]) <= set(out["allowed"])
     assert out["metrics"]["metrics"]["num-examples"] > 0
     assert out["metrics"]["metrics"]["upload-bytes"] == sum(4 * int(np.prod(p.shape)) for p in manifest.trainable)
+
+
+def test_cli_federate_runs_a_simulation_and_reports(ffa_bundle, blobs, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    report = tmp_path / "report.json"
+    args = ["federate", str(ffa_bundle), "--data", str(blobs[0]), "--test", str(blobs[1]), "--clients", "4",
+            "--rounds", "1", "--lr", "1e-2", "--out", str(tmp_path / "out"), "--report", str(report)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output[-2000:]
+    figures = json.loads(report.read_text())
+    assert figures["accuracy"] > figures["accuracy_before"] and figures["upload_bytes_per_device_per_round"] == 2576
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    again = CliRunner().invoke(main, args)  # the output directory now holds a run: refused, not overwritten
+    assert again.exit_code == 1 and "is not empty" in again.output
+    both = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "o2"), "--dp", "--local-dp"])
+    assert both.exit_code == 2 and "--dp or --local-dp" in both.output
