@@ -67,6 +67,11 @@ def save_adapter(
     Raises:
         OutputError: `directory` holds something else, or lies inside a protected bundle.
     """
+    missing = [spec.name for spec in (*manifest.trainable, *manifest.frozen_adapter) if spec.name not in values]
+    if missing:
+        fixed = " (the bundle's fixed lora_A: TrainingSession.frozen_adapter_values())" if any(
+            spec.name in missing for spec in manifest.frozen_adapter) else ""
+        raise AdapterError(f"an adapter needs values for {missing[:3]}{fixed}")
     tensors = {
         spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32)
         for spec in (*manifest.trainable, *manifest.frozen_adapter)
