@@ -162,6 +162,30 @@ def scale(args) -> None:
     (out / "scale.json").write_text(json.dumps(results, indent=2))
 
 
+def tiny(args) -> None:
+    """FFA-LoRA against FedAvg of A and B, with and without central DP, on the tiny MLP (seconds per run)."""
+    from conftest import export_tiny
+    from fed_helpers import write_blobs
+    from edgepeft.federated.settings import FedSettings
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    bundles = {"ffa": out / "mlp-ffa", "ab": out / "mlp-ab"}
+    for kind, bundle in bundles.items():
+        if not (bundle / "manifest.json").is_file():
+            export_tiny("mlp", bundle, freeze_a=kind == "ffa")
+    train = write_blobs(out / "blobs-train.npz", 800, 0)
+    test = write_blobs(out / "blobs-test.npz", 400, 1)
+    for kind, bundle in bundles.items():
+        for privacy in ("none", "central"):
+            s = FedSettings(bundle=str(bundle), train_data=str(train), test_data=str(test), num_partitions=args.clients,
+                            rounds=args.rounds, learning_rate=1e-2, privacy=privacy, noise_multiplier=args.noise,
+                            clip=args.clip, out_dir=str(out / f"tiny-{kind}-{privacy}"))  # fmt: skip
+            _simulate(f"tiny_{kind}_{privacy}", s, results, out)
+    (out / "tiny.json").write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,8 +206,14 @@ def main() -> None:
     s.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--out", default="fed-bench")
+    t = sub.add_parser("tiny")
+    t.add_argument("--clients", type=int, default=20)
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--noise", type=float, default=1.0)
+    t.add_argument("--clip", type=float, default=0.5)
+    t.add_argument("--out", default="fed-bench")
     args = parser.parse_args()
-    {"accuracy": accuracy, "scale": scale}[args.command](args)
+    {"accuracy": accuracy, "scale": scale, "tiny": tiny}[args.command](args)
 
 
 if __name__ == "__main__":
