@@ -160,3 +160,14 @@ def test_cli_federate_runs_a_simulation_and_reports(ffa_bundle, blobs, tmp_path)
     assert again.exit_code == 1 and "is not empty" in again.output
     both = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "o2"), "--dp", "--local-dp"])
     assert both.exit_code == 2 and "--dp or --local-dp" in both.output
+
+
+def test_a_manifest_with_frozen_adapter_tensors_needs_schema_4(ffa_bundle):
+    from edgepeft.errors import BundleError
+    from edgepeft.manifest import Manifest
+
+    data = json.loads((ffa_bundle / "manifest.json").read_text())
+    assert Manifest.from_dict(data) == Manifest.load(ffa_bundle) and data["schema_version"] == 4
+    data["schema_version"] = 3  # a runtime reading version 3 would save adapters without lora_A
+    with pytest.raises(BundleError, match="version 3 has no `frozen_adapter`"):
+        Manifest.from_dict(data)
