@@ -44,8 +44,8 @@ from typing import Any
 from edgepeft.errors import BundleError
 from edgepeft.fileio import read_json_object
 
-SCHEMA_VERSION = 3  # the newest this code reads and writes
-SCHEMA_VERSIONS = (1, 2, 3)  # every version this code reads
+SCHEMA_VERSION = 4  # the newest this code reads and writes
+SCHEMA_VERSIONS = (1, 2, 3, 4)  # every version this code reads
 MANIFEST_FILE = "manifest.json"
 
 # Files every bundle holds, by role.
@@ -240,9 +240,12 @@ class Manifest:
     preprocessing: ImagePreprocessing | None = None  # how raw inputs become `inputs` (schema version 2)
     task: CausalLMTask | None = None  # a causal LM's text contract (schema version 3); None: a classifier/regressor
     schema_version: int | None = None  # None: the lowest version that holds this manifest
+    # adapter tensors the bundle holds fixed (FFA-LoRA's lora_A, in the checkpoint, not trained): saved adapters
+    # carry them, and an adapter loaded into the bundle must hold these very values (schema version 4)
+    frozen_adapter: tuple[ParamSpec, ...] = ()
 
     def __post_init__(self) -> None:
-        needed = 3 if self.task is not None else 2 if self.preprocessing is not None else 1
+        needed = 4 if self.frozen_adapter else 3 if self.task is not None else 2 if self.preprocessing is not None else 1
         if self.schema_version is None:
             object.__setattr__(self, "schema_version", needed)
         if isinstance(self.schema_version, bool) or self.schema_version not in SCHEMA_VERSIONS:
@@ -251,7 +254,7 @@ class Manifest:
                 f"{', '.join(map(str, SCHEMA_VERSIONS))}; a newer edgepeft may read it)"
             )
         if self.schema_version < needed:
-            field_name = "task" if self.task is not None else "preprocessing"
+            field_name = "frozen_adapter" if self.frozen_adapter else "task" if self.task is not None else "preprocessing"
             raise BundleError(f"manifest schema version {self.schema_version} has no `{field_name}` field")
         if self.task is not None:
             if not isinstance(self.task, CausalLMTask):
@@ -316,8 +319,8 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for name in ("preprocessing", "task"):  # absent, as the runtimes of the versions before them wrote it
-            if data[name] is None:
+        for name in ("preprocessing", "task", "frozen_adapter"):  # absent, as the versions before them wrote it
+            if not data[name]:
                 del data[name]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -348,6 +351,7 @@ class Manifest:
                 preprocessing=_preprocessing(data.get("preprocessing")),
                 task=_task(data.get("task")),
                 schema_version=data.get("schema_version", -1),
+                frozen_adapter=tuple(ParamSpec(**p) for p in data.get("frozen_adapter", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise BundleError(f"manifest is malformed: {type(e).__name__}: {e}") from None

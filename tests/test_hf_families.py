@@ -209,7 +209,7 @@ def test_a_text_manifest_stays_version_1(tmp_path):
 
 MALFORMED = {
     "version-1": (lambda d: d.update(schema_version=1), "version 1 has no `preprocessing`"),
-    "version-4": (lambda d: d.update(schema_version=4), "schema version 4 is not supported"),
+    "version-5": (lambda d: d.update(schema_version=5), "schema version 5 is not supported"),
     "kind": (lambda d: d["preprocessing"].update(kind="audio"), "kind 'audio' is not known"),
     "size": (lambda d: d["preprocessing"].update(size=[16, 16]), "makes 'pixel_values' of shape"),
     "mean": (lambda d: d["preprocessing"].update(mean=[0.5]), "mean"),

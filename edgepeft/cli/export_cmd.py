@@ -24,6 +24,7 @@ from edgepeft.cli.common import comma_list, directory_size, human_size
 @click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / rank).")
 @click.option("--dropout", default=0.0, show_default=True, help="LoRA dropout (training only).")
 @click.option("--bias", type=click.Choice(["none", "all", "lora_only"]), default="none", show_default=True)
+@click.option("--freeze-a", is_flag=True, help="FFA-LoRA: keep lora_A fixed, train lora_B (for federation).")
 @click.option(
     "--train-module", "modules_to_save", multiple=True, help="A module trained in full (e.g. a new head); repeatable."
 )
@@ -48,6 +49,7 @@ def export(
     labels: str | None,
     target_modules: str | None,
     regex: bool,
+    freeze_a: bool,
     r: int,
     alpha: float,
     dropout: float,
@@ -76,7 +78,7 @@ def export(
     if target_modules is not None:
         targets = target_modules if regex else comma_list(target_modules)
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=targets, bias=bias,
-                    modules_to_save=modules_to_save)  # fmt: skip
+                    modules_to_save=modules_to_save, freeze_a=freeze_a)  # fmt: skip
     options = ExportOptions(
         loss=loss, optimizer=optimizer, quantization=quantization, max_length=max_length, labels=comma_list(labels),
         profile_memory=profile_memory, base_name=base_name, head_on=head_on,

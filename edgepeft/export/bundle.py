@@ -31,7 +31,7 @@ from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
 from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers, remove_dropout_
 from edgepeft.export.int8_compute import use_int8_compute_
-from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names
+from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names, is_lora_a
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.recompute import recompute_blocks_
 from edgepeft.export.spec import ExportOptions, LoraSpec
@@ -94,6 +94,9 @@ def export(
     if is_onnx_source(model):
         return export_onnx(model, output_dir, lora=lora, options=options, loss_fn=loss_fn,
                            example_labels=example_labels, overwrite=overwrite)  # fmt: skip
+    if lora.freeze_a and (is_onnx_source(model) or causal_lm.is_causal_lm_dir(model)):
+        raise ExportError("`freeze_a` (FFA-LoRA) is supported for torch modules and transformers classifiers, "
+                          "not yet for ONNX models or causal LMs")  # fmt: skip
     if options.head_on is not None:
         raise ExportError(f"`head_on` ({options.head_on!r}) is for ONNX models; a torch model has its own head")
     if (options.loss == "custom") != (loss_fn is not None):
@@ -111,13 +114,16 @@ def export(
             torch.manual_seed(options.seed)
             traced = _trace(model, example_inputs, lora, options, Path(tmp), out)
         module, forward = traced.adapted.module, traced.graph
-        trainable = list(traced.adapted.adapter_keys)
+        adapter_keys = traced.adapted.adapter_keys
+        frozen_adapter = [n for n, key in adapter_keys.items() if lora.freeze_a and is_lora_a(key)]
+        trainable = [n for n in adapter_keys if n not in frozen_adapter]
         if traced.task is not None:
             example_labels = causal_lm.example_labels(traced.example_inputs)
         elif example_labels is None:
             example_labels = _default_labels(options.loss, traced.example_output)
 
-        fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in trainable])
+        # the base alone: a bundle with lora_A frozen has the fingerprint of the same base exported with A trained
+        fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in adapter_keys])
         held = {i.name for i in forward.graph.initializer}
         frozen = [n for n, _ in module.named_parameters() if n in held and n not in trainable]
         quantized = [n for n in frozen_weight_names(module) if n in held] if options.quantization == "int8" else []
@@ -161,7 +167,11 @@ def export(
             quantization=options.quantization,
             trainable=tuple(
                 mf.ParamSpec(name, key, tuple(module.get_parameter(name).shape))
-                for name, key in traced.adapted.adapter_keys.items()
+                for name, key in adapter_keys.items() if name in trainable
+            ),
+            frozen_adapter=tuple(
+                mf.ParamSpec(name, adapter_keys[name], tuple(module.get_parameter(name).shape))
+                for name in frozen_adapter
             ),
             base_fingerprint=fingerprint,
             files={p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},

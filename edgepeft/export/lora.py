@@ -122,6 +122,11 @@ def _config_dict(config: peft.LoraConfig) -> dict[str, Any]:
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+def is_lora_a(key: str) -> bool:
+    """Whether a PEFT adapter key is a LoRA down-projection (`lora_A`, `lora_embedding_A`)."""
+    return ".lora_A." in key or key.endswith(".lora_A") or ".lora_embedding_A" in key
+
+
 def frozen_weight_names(module: nn.Module) -> list[str]:
     """Names of frozen Linear, Conv, Embedding and attention projection weights: the tensors worth storing as int8."""
     names = []

@@ -29,6 +29,10 @@ class LoraSpec:
     target_modules: tuple[str, ...] | str | None = None
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
+    # FFA-LoRA (Sun et al., ICLR 2024): lora_A stays at its seeded init and only lora_B (and the head) train.
+    # Federated averaging of B alone is then the exact average of the clients' updates (averaging A and B
+    # separately is not: FedIT). The bundle lists A as `frozen_adapter` in its manifest; adapters still hold A.
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -54,6 +58,8 @@ class LoraSpec:
                 pattern = self.target_modules
                 raise ExportError(f"`target_modules` {pattern!r} is not a regular expression: {e}") from None
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        if not isinstance(self.freeze_a, bool):
+            raise ExportError(f"`freeze_a` must be True or False, got {self.freeze_a!r}")
 
 
 @dataclass(frozen=True)

@@ -59,14 +59,22 @@ def save_adapter(
 ) -> Path:
     """Write trainable `values` (by ONNX name) as a PEFT adapter directory, all at once.
 
+    A bundle with a `frozen_adapter` (FFA-LoRA's fixed lora_A) needs those values in `values` too.
+
     `extra` maps further JSON file names to their contents, written in the same atomic step. `directory` must
     be new, empty, or an adapter (replaced only with `overwrite`), and not inside or holding a `protect` path.
 
     Raises:
         OutputError: `directory` holds something else, or lies inside a protected bundle.
     """
+    missing = [spec.name for spec in (*manifest.trainable, *manifest.frozen_adapter) if spec.name not in values]
+    if missing:
+        fixed = " (the bundle's fixed lora_A: TrainingSession.frozen_adapter_values())" if any(
+            spec.name in missing for spec in manifest.frozen_adapter) else ""
+        raise AdapterError(f"an adapter needs values for {missing[:3]}{fixed}")
     tensors = {
-        spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32) for spec in manifest.trainable
+        spec.adapter_key: np.ascontiguousarray(values[spec.name], dtype=np.float32)
+        for spec in (*manifest.trainable, *manifest.frozen_adapter)
     }
     config = adapter_config(manifest)
     metadata = {
@@ -86,8 +94,13 @@ def save_adapter(
     return Path(directory)
 
 
-def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an adapter and check it fits the bundle; returns values by ONNX parameter name.
+def load_adapter(
+    manifest: Manifest, directory: str | os.PathLike, frozen: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Read an adapter and check it fits the bundle; returns the trainable values by ONNX parameter name.
+
+    A bundle with a `frozen_adapter` computes only the adapters whose frozen tensors (FFA-LoRA's lora_A) equal
+    the bundle's, `frozen` (by ONNX name): an adapter with other values there is refused.
 
     An adapter whose LoRA scale differs from the bundle's (another `lora_alpha`, or `use_rslora`) is
     rescaled exactly: its lora_B tensors are multiplied by the ratio of the two scales.
@@ -128,7 +141,8 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
     _check_base(manifest, directory, fingerprint, config.get("base_model_name_or_path"))
     _check_config(bundle_config, config, config_path)
     expected = {spec.adapter_key: spec for spec in manifest.trainable}
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    fixed = {spec.adapter_key: spec for spec in manifest.frozen_adapter}
+    missing, unexpected = (set(expected) | set(fixed)) - set(tensors), set(tensors) - set(expected) - set(fixed)
     if missing or unexpected:
         raise AdapterError(
             f"adapter {directory} does not fit this bundle: missing {sorted(missing)[:3]}, "
@@ -153,6 +167,15 @@ def load_adapter(manifest: Manifest, directory: str | os.PathLike) -> dict[str, 
         if ratio != 1.0 and _is_lora_b(key):
             array = (array * np.float32(ratio)).astype(np.float32)
         values[spec.name] = array
+    for key, spec in fixed.items():
+        if frozen is None or spec.name not in frozen:
+            raise AdapterError(f"the bundle holds {spec.name} fixed: pass its values to check adapter {directory}")
+        theirs = tensors[key].astype(np.float32)
+        if tuple(theirs.shape) != spec.shape or not np.array_equal(theirs, frozen[spec.name]):
+            raise AdapterError(
+                f"adapter tensor {key} differs from this bundle's fixed {spec.name} (the bundle trains lora_B only, "
+                f"with lora_A frozen at export: FFA-LoRA); export a bundle with freeze_a=False to use this adapter"
+            )
     return values
 
 

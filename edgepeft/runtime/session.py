@@ -528,11 +528,17 @@ class TrainingSession:
         Raises:
             OutputError: `directory` holds something else, or is (or is inside) the bundle.
         """
-        return save_adapter(self.manifest, self.trainable_values(), directory, protect=(self.bundle.path,))
+        values = {**self.trainable_values(), **self.frozen_adapter_values()}
+        return save_adapter(self.manifest, values, directory, protect=(self.bundle.path,))
+
+    def frozen_adapter_values(self) -> dict[str, np.ndarray]:
+        """The adapter tensors the bundle holds fixed (FFA-LoRA's lora_A), by ONNX name; empty for most bundles."""
+        params = self._state.parameters
+        return {spec.name: np.array(params[spec.name].data) for spec in self.manifest.frozen_adapter}
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load a PEFT adapter (trained here or on a host) into the trainable parameters."""
-        self.set_trainable(load_adapter(self.manifest, directory))
+        self.set_trainable(load_adapter(self.manifest, directory, self.frozen_adapter_values()))
 
     def set_trainable(self, values: dict[str, np.ndarray]) -> None:
         """Replace the trainable parameters (an adapter swap: the base model is not reloaded).
