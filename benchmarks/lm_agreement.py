@@ -58,8 +58,8 @@ def run_device(args: argparse.Namespace) -> dict:
     session = TrainingSession(args.bundle)
     held_data = session.dataset(*_features(held))
     before = session.evaluate(held_data, batch_size=1).perplexity
-    report = session.train(session.dataset(*_features(train)),
-                           TrainConfig(batch_size=1, learning_rate=args.lr, shuffle=False, max_steps=args.steps))  # fmt: skip
+    config = TrainConfig(batch_size=1, learning_rate=args.lr, shuffle=False, max_steps=args.steps)
+    report = session.train(session.dataset(*_features(train)), config)
     after = session.evaluate(held_data, batch_size=1).perplexity
     session.save_adapter(args.adapter)
     return {"device_perplexity_before": before, "device_perplexity_after": after, "steps": report.steps}

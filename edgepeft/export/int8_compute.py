@@ -239,10 +239,9 @@ def chunked_dequantized_matmul(
     for i, begin in enumerate(range(0, rows, chunk)):
         p = f"{name}/chunk{i}"
         bounds = [f"{p}/begin", f"{p}/end"]
-        nodes.append(helper.make_node("Constant", [], [bounds[0]], name=bounds[0],
-                                      value=numpy_helper.from_array(np.array([begin], np.int64))))  # fmt: skip
-        nodes.append(helper.make_node("Constant", [], [bounds[1]], name=bounds[1],
-                                      value=numpy_helper.from_array(np.array([min(begin + chunk, rows)], np.int64))))  # fmt: skip
+        for bound, value in zip(bounds, (begin, min(begin + chunk, rows))):
+            array = numpy_helper.from_array(np.array([value], np.int64))
+            nodes.append(helper.make_node("Constant", [], [bound], name=bound, value=array))
         pieces = []
         for j, tensor in enumerate(dq_inputs):
             pieces.append(f"{p}/w{j}")

@@ -82,7 +82,7 @@ class ExportOptions:
     # fp32 37.9 -> 29.8 on the same blocks), the weights still int8-resident.
     int8_gradients: bool | None = None
     # recompute each transformer block's activations in the backward pass instead of keeping them from the
-    # forward (`export/recompute.py`). None: on for a causal LM (SmolLM2 at 1 x 256: peak 1236 -> 858 MB, a step
+    # forward (`export/recompute.py`). None: on for a causal LM (SmolLM2 at 1 x 256: peak VmHWM 1236 -> 858 MB, a step
     # ~20% longer), off otherwise (a classifier's few short layers keep little).
     recompute: bool | None = None
     profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
