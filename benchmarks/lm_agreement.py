@@ -1,6 +1,6 @@
 """A causal LM trained on the device: held-out perplexity against PyTorch + PEFT, and host/device agreement.
 
-    python benchmarks/lm_agreement.py --bundle DIR [--model /work/wt/smol-fp32] [--text emma.txt] [--steps 30]
+    python benchmarks/lm_agreement.py --bundle DIR --model DIR [--text emma.txt] [--steps 30]
 
 Three fresh processes on the same blocks (the bundle's tokenizer, batch 1 x the bundle's max_length):
 1. the device (torch blocked) measures held-out perplexity, trains `--steps` steps (AdamW, lr 1e-3), measures
@@ -116,8 +116,9 @@ def _child(args: argparse.Namespace, side: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
-    parser.add_argument("--model", default="/work/wt/smol-fp32")
-    parser.add_argument("--text", default=str(ROOT.parent.parent / "shared/data/austen-novels/emma.txt"))
+    parser.add_argument("--model", required=True,  # `edgepeft demo lm` unpacks one: OUT/smollm2-135m-instruct
+                        help="SmolLM2 as a transformers directory")
+    parser.add_argument("--text", default=str(ROOT.parent / "shared/data/austen-novels/emma.txt"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

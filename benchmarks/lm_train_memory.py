@@ -1,6 +1,6 @@
 """Causal LM training on the device against PyTorch eager + PEFT: peak memory and tokens/s, side by side.
 
-    python benchmarks/lm_train_memory.py --bundle DIR [--model /work/wt/smol-fp32] [--text emma.txt]
+    python benchmarks/lm_train_memory.py --bundle DIR --model DIR [--text emma.txt]
         [--steps 8] [--rounds 1] [--export]
 
 Each side runs in its own fresh process, alternating (device, torch, device, torch, ...), on the same blocks
@@ -120,8 +120,9 @@ def export_bundle(model_dir: str, bundle: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
-    parser.add_argument("--model", default="/work/wt/smol-fp32")
-    parser.add_argument("--text", default=str(ROOT.parent.parent / "shared/data/austen-novels/emma.txt"))
+    parser.add_argument("--model", required=True,  # `edgepeft demo lm` unpacks one: OUT/smollm2-135m-instruct
+                        help="SmolLM2 as a transformers directory")
+    parser.add_argument("--text", default=str(ROOT.parent / "shared/data/austen-novels/emma.txt"))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgepeft.errors import EdgePeftError
-from edgepeft.fileio import DirKind, claim_directory
+from edgepeft.fileio import DirKind, claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ def split_austen(out: Path, seed: int = 0) -> tuple[Path, Path, tuple[str, ...]]
     return paths[0], paths[1], tuple(sorted({row["label"] for row in rows}))
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int = 0) -> dict[str, Any]:
     """Export the int8 and fp32 bundles on the host, then train the int8 one in a separate device process.
 
@@ -86,7 +82,7 @@ def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int 
     if subprocess.run(command).returncode != 0:
         raise EdgePeftError("device training failed (see the error above)")
     device = json.loads(report.read_text())
-    int8_bytes, fp32_bytes = _size(bundles["int8"]), _size(bundles["fp32"])
+    int8_bytes, fp32_bytes = disk_bytes(bundles["int8"]), disk_bytes(bundles["fp32"])
     return {
         "model": "all-MiniLM-L6-v2, LoRA r=8 on query/value + 6-way head",
         "test_examples": sum(1 for _ in open(test_csv, encoding="utf-8")) - 1,
@@ -95,7 +91,7 @@ def run_demo(out: Path, epochs: int = 2, learning_rate: float = 2e-3, seed: int 
         "bundle_int8_mb": round(int8_bytes / 1e6, 2),
         "bundle_fp32_mb": round(fp32_bytes / 1e6, 2),
         "bundle_int8_over_fp32": round(int8_bytes / fp32_bytes, 3),
-        "adapter_kb": round(_size(adapter) / 1e3, 1),
+        "adapter_kb": round(disk_bytes(adapter) / 1e3, 1),
         "median_step_ms": round(device["median_step_ms"], 1),
         "device_peak_rss_mb": round(device["peak_rss_mb"], 1),
         "device_torch_loaded": device["torch_loaded"],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepeft.errors import EdgePeftError
-from edgepeft.fileio import DirKind, claim_directory
+from edgepeft.fileio import DirKind, claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -138,17 +138,13 @@ def run_lm_demo(
         "generate_tokens_per_s": round(after["tokens_per_s"], 1),
         "generate_peak_rss_mb": round(after["peak_rss_mb"], 1),
         "device_torch_loaded": trained["torch_loaded"] or before["torch_loaded"] or after["torch_loaded"],
-        "bundle_mb": round(_size(bundle) / 1e6, 1),
-        "adapter_kb": round(_size(adapter) / 1e3, 1),
+        "bundle_mb": round(disk_bytes(bundle) / 1e6, 1),
+        "adapter_kb": round(disk_bytes(adapter) / 1e3, 1),
         "epochs": epochs,
         "learning_rate": learning_rate,
         "bundle": str(bundle),
         "adapter": str(adapter),
     }
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _device(out: Path, job: str, **arguments: Any) -> dict[str, Any]:
@@ -165,7 +161,7 @@ def device_main() -> None:
     """Entry point of a device process: `JOB ARGUMENTS_JSON REPORT_PATH`."""
     job, arguments, report = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     figures = (device_score if job == "score" else device_train)(**arguments)
-    figures["torch_loaded"] = "torch" in sys.modules and sys.modules["torch"] is not None
+    figures["torch_loaded"] = sys.modules.get("torch") is not None
     report.write_text(json.dumps(figures), encoding="utf-8")
 
 

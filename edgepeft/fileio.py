@@ -51,6 +51,12 @@ def crash_point(name: str) -> None:
         os._exit(17)
 
 
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Size of a file, or of every file under a directory."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

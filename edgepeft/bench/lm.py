@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepeft.bench.config import EDGEPEFT, PYTORCH
-from edgepeft.bench.run import RESULTS, _disk_bytes, spawn
+from edgepeft.bench.run import RESULTS, spawn
 from edgepeft.errors import InputError
-from edgepeft.fileio import claim_directory
+from edgepeft.fileio import claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
             job = {**base[system], **common, "task": "lm_perplexity", "adapter": str(adapter),
                    "text": str(heldout["emma"])}  # fmt: skip
             raw[system]["perplexity"] = run(f"perplexity {system}", job)
-        sizes = {q: _disk_bytes(b) for q, b in bundles.items()}
-        sizes["adapter"] = _disk_bytes(adapter)
+        sizes = {q: disk_bytes(b) for q, b in bundles.items()}
+        sizes["adapter"] = disk_bytes(adapter)
     results = summarize(config, raw, sizes)
     results.update(machine=machine, command=command, seconds=round(time.time() - started, 1), config=asdict(config))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -59,6 +59,8 @@ def lm_train(job: dict[str, Any]) -> dict[str, Any]:
     """Median ms per optimizer step on the first `batch` blocks; edgepeft saves its adapter to `adapter_out`."""
     import numpy as np
 
+    from edgepeft.bench.worker import timed_ms
+
     blocks = _blocks(job)[0][: job["batch"]]
     if job["system"] == PYTORCH:
         system = _Torch(job)
@@ -87,13 +89,7 @@ def lm_train(job: dict[str, Any]) -> dict[str, Any]:
         def step() -> None:
             session.train(data, config)
 
-    for _ in range(job["warmup"]):
-        step()
-    times = []
-    for _ in range(job["steps"]):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
+    times = timed_ms(step, job["warmup"], job["steps"])
     if job.get("adapter_out") and job["system"] != PYTORCH:
         session.save_adapter(job["adapter_out"])
     median = float(np.median(times))

@@ -22,18 +22,12 @@ from typing import Any
 from edgepeft.bench.config import DESCRIPTIONS, EDGEPEFT, PYTORCH, QUANTIZATION, BenchConfig
 from edgepeft.bench.worker import step_figures
 from edgepeft.errors import EdgePeftError
-from edgepeft.fileio import DirKind, claim_directory
+from edgepeft.fileio import DirKind, claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 RESULTS = DirKind("a benchmark results directory", ("results.json", "raw.partial.json"), any_marker=True)
-
-
-def _disk_bytes(path: Path) -> int:
-    """Size of a file, or of every file under a directory."""
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def spawn(
@@ -202,11 +196,11 @@ def measure(config: BenchConfig, work: Path, progress: Progress, partial: Path |
     raw["labels"] = list(labels)
     raw["model_dims"], raw["lora"] = _model_description()
     raw["adamw"] = base[PYTORCH]["torch"]["adamw"] if PYTORCH in base else None
-    raw["bundle_bytes"] = {s: _disk_bytes(bundles[s]) for s in config.systems if s in bundles}
+    raw["bundle_bytes"] = {s: disk_bytes(bundles[s]) for s in config.systems if s in bundles}
     if PYTORCH in config.systems:
         from edgepeft.demo import minilm_path
 
-        raw["bundle_bytes"][PYTORCH] = _disk_bytes(minilm_path() / "model.safetensors")
+        raw["bundle_bytes"][PYTORCH] = disk_bytes(minilm_path() / "model.safetensors")
     return raw
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgepeft.bench.config import PYTORCH, QUANTIZATION
@@ -40,14 +41,20 @@ def _speed(job: dict[str, Any]) -> dict[str, Any]:
     batch, seq = job["batch"], job["seq"]
     system = _open(job)
     step = system.step_function(*_fixed(job, batch, seq), job["learning_rate"])
-    for _ in range(job["warmup"]):
-        step()
-    times = []
-    for _ in range(job["steps"]):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
+    times = timed_ms(step, job["warmup"], job["steps"])
     return {**step_figures(times, batch, seq), "times_ms": times}
+
+
+def timed_ms(call: Callable[[], Any], warmup: int, count: int) -> list[float]:
+    """ms of each of `count` calls, after `warmup` calls that are discarded."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def step_figures(times: list[float], batch: int, seq: int) -> dict[str, Any]:
@@ -82,13 +89,7 @@ def _latency(job: dict[str, Any]) -> dict[str, Any]:
 
     system = _open(job)
     features = _fixed(job, 1, job["seq"])[0]
-    for _ in range(job["warmup"]):
-        system.predict(features)
-    times = []
-    for _ in range(job["predictions"]):
-        start = time.perf_counter()
-        system.predict(features)
-        times.append((time.perf_counter() - start) * 1000)
+    times = timed_ms(lambda: system.predict(features), job["warmup"], job["predictions"])
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
 
 

@@ -62,10 +62,6 @@ def human_size(size: int) -> str:
     return f"{size / 1000**exponent:.1f} {['bytes', 'KB', 'MB', 'GB'][exponent]}"
 
 
-def directory_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def open_session(bundle: str, adapter: str | None = None, state: str | None = None):
     """A device TrainingSession on BUNDLE, with an adapter or a saved state loaded."""
     from edgepeft.runtime import TrainingSession

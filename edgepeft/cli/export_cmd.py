@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from edgepeft.cli.app import Command
-from edgepeft.cli.common import comma_list, directory_size, human_size
+from edgepeft.cli.common import comma_list, human_size
+from edgepeft.fileio import disk_bytes
 
 
 @click.command(cls=Command)
@@ -89,6 +90,6 @@ def export(
     click.echo(f"exporting to {out} ...", err=True)
     manifest = export_bundle(model, out, example_inputs=example_inputs, lora=spec, options=options, overwrite=overwrite)
     click.echo(
-        f"bundle {out}: {human_size(directory_size(Path(out)))}, "
+        f"bundle {out}: {human_size(disk_bytes(Path(out)))}, "
         f"{manifest.stats['trainable_parameters']:,} trainable parameters, {manifest.quantization} backbone"
     )

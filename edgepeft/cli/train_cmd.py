@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from edgepeft.cli.app import EXIT_ERROR, EXIT_INTERRUPTED, Command
-from edgepeft.cli.common import Progress, check_report, directory_size, open_session, write_report
+from edgepeft.cli.common import Progress, check_report, open_session, write_report
 from edgepeft.cli.data_options import data_options, read_data
+from edgepeft.fileio import disk_bytes
 
 
 @click.command(cls=Command)
@@ -149,7 +150,7 @@ def train(
         figures.update(accuracy_after=after.accuracy, eval_loss=after.loss)
     if adapter_out:
         session.save_adapter(adapter_out)
-        figures["adapter_bytes"] = directory_size(Path(adapter_out))
+        figures["adapter_bytes"] = disk_bytes(Path(adapter_out))
     if state_out:
         session.save_state(state_out)
     _finish(figures, report)
