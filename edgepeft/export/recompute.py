@@ -15,7 +15,11 @@ forward/backward boundary (a YieldOp) and does nothing for a training graph buil
   tables: kept, they are the checkpoint) passed through a `Slice` whose start is 0 computed from the shape of a
   gradient of that block's backward, so the copy cannot run before the backward reaches the block (ORT orders
   nodes itself; without the dependency it may compute the copy early and keep it);
-- shape arithmetic (Shape, Constant and what derives from them and from initializers alone) is not copied.
+- shape arithmetic (Shape, Constant and what derives from them and from initializers alone) is not copied;
+- what a block derives from its weights alone (the int8 weight transposed for `DynamicQuantizeMatMul`, LoRA's
+  transposed matrices) is derived again by the copy, from the weights passed through the same gate: kept, those
+  tensors held a transposed copy of every frozen weight from the forward pass to the backward (~100 MB for
+  SmolLM2).
 
 The copy computes the same ops on the same inputs: the gradients are bit-identical (`tests/test_causal_lm.py`).
 The cost is one more forward pass of the blocks (about a third of a step).
@@ -51,6 +55,7 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
         return 0
     forward, backward = nodes[:start], nodes[start:]
     static = _static_tensors(graph, forward, set(data_inputs))
+    weights = {i.name for i in graph.input} - set(data_inputs)  # parameters, trainable or frozen
     producer = {out: node for node in forward for out in node.output}
     backward_reads: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in backward:
@@ -89,10 +94,12 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
         clones: list[onnx.NodeProto] = list(gate_nodes)
         for node in copies:
             inputs = []
+            from_weights = all(not name or name in static for name in node.input)  # gate its weights instead
             for name in node.input:
                 if name in renamed:
                     inputs.append(renamed[name])
-                elif name and name not in inside and name not in static:  # a block input: the checkpoint
+                elif name and (name not in inside and name not in static or from_weights and name in weights):
+                    # a block input (the checkpoint), or a weight something is derived from
                     gated = f"{prefix}/in/{name}"
                     clones.append(helper.make_node("Slice", [name, gate, _END, _AXIS], [gated],
                                                    name=f"{prefix}/gate/{name}"))  # fmt: skip
@@ -133,10 +140,13 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
 
 def _static_tensors(graph: onnx.GraphProto, forward: list[onnx.NodeProto], data: set[str]) -> set[str]:
     """Initializers, parameters (graph inputs but the data), and forward tensors computed from shapes and those
-    alone (cheap, small)."""
-    static = {i.name for i in graph.initializer} | {i.name for i in graph.input if i.name not in data}
+    alone (cheap, small), but what a block derives from a parameter (as large as the weight)."""
+    parameters = {i.name for i in graph.input if i.name not in data}
+    static = {i.name for i in graph.initializer} | parameters
     for node in forward:
         if node.op_type in _STATIC_OPS or all(not name or name in static for name in node.input):
+            if node.op_type not in _STATIC_OPS and BLOCK.search(node.name) and parameters.intersection(node.input):
+                continue
             static.update(out for out in node.output if out)
     return static
 
