@@ -15,6 +15,7 @@ import torch
 
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, DataError, InputError
+from edgepeft.export.chunked_loss import CHUNKS
 from edgepeft.export import ExportOptions, LoraSpec, export
 from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.tasks.causal_lm import IGNORE
@@ -117,18 +118,18 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
         assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and "_Grad" in u[0].name for u in users.values())
         int8 = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"  # each token's row its own scale
                 and not n.name.endswith("/recompute")]  # the block's copy for the backward (test_lm_memory.py)
-        assert len(int8) == 2 * 7 + 1 and all(n.input[0].endswith("/row_int8/unit") for n in int8)
+        assert len(int8) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/unit") for n in int8)  # lm_head: a chunk each
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
-def test_training_step_holds_one_copy_of_the_logits(lm, family):
-    """The vocabulary-wide logits are never sliced (the labels shift instead) nor a training graph output."""
+def test_training_and_evaluation_output_the_loss_alone(lm, family):
+    """The vocabulary-wide logits are no output of the training or the evaluation graph (the loss is computed in
+    row chunks: tests/test_lm_memory.py), and no tensor is named for them."""
     for bundle in lm[family][1:]:
-        graph = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph
-        assert [o.name for o in graph.output if not o.name.endswith(".accumulation.out")] == ["loss"]
-        readers = [n.op_type for n in graph.node if "logits" in n.input]
-        assert readers and set(readers) <= {"Reshape", "Shape"}, readers
-        assert not [n.op_type for n in graph.node if n.op_type.startswith("Slice") and "logits" in n.output]
+        for name in (mf.TRAINING_MODEL, mf.EVAL_MODEL):
+            graph = onnx.load(str(bundle / name)).graph
+            assert [o.name for o in graph.output if not o.name.endswith(".accumulation.out")] == ["loss"], name
+            assert not [n.name for n in graph.node if "logits" in n.input or "logits" in n.output]
 
 
 def test_generation_graph_is_the_only_inference_graph(lm):

@@ -14,9 +14,10 @@ from onnx import helper, numpy_helper
 from edgepeft import manifest as mf
 from edgepeft.errors import InputError
 from edgepeft.export import ExportOptions, LoraSpec, export
+from edgepeft.export.chunked_loss import CHUNKS
 from edgepeft.export.int8_compute import chunked_dequantized_matmul
 from edgepeft.export.quantize import quantize_per_channel
-from edgepeft.export.recompute import BLOCK, SUFFIX, _static_tensors
+from edgepeft.export.recompute import BLOCK, SUFFIX, _static_tensors, split_passes
 from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.ort import onnxruntime_module
 
@@ -49,9 +50,7 @@ def text_file(tmp_path_factory):
 
 
 def _split(graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
-    nodes = list(graph.node)
-    start = next(i for i, n in enumerate(nodes) if "loss_grad" in n.input)
-    return nodes[:start], nodes[start:]
+    return split_passes(list(graph.node), "loss_grad", set(DATA))
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -107,6 +106,47 @@ def test_recomputed_gradients_equal_the_kept_ones(bundles, family, text_file):
     assert any(np.abs(g).max() > 1e-4 for g in kept.values())
     for name, g in kept.items():
         np.testing.assert_allclose(grads[name], g, atol=1e-6, rtol=1e-5, err_msg=name)
+
+
+def _step_tensor_shapes(bundle, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Every tensor one training step computes, by name, with its shape: the training graph run as an
+    inference graph with all node outputs exposed, on the checkpoint's parameters."""
+    ort = onnxruntime_module()
+    from edgepeft.runtime.ort import training_api
+
+    model = onnx.load(str(bundle / mf.TRAINING_MODEL))
+    names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
+    exposed = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in names if o not in exposed)
+    params = training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT)).parameters
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    suffix = "_grad.accumulation.buffer"
+    for value in session.get_inputs():
+        if value.name == "lazy_reset_grad":
+            feeds[value.name] = np.array([True])
+        elif value.name.endswith(suffix):
+            feeds[value.name] = np.zeros_like(params[value.name[: -len(suffix)]].data)
+        elif value.name not in feeds:
+            feeds[value.name] = params[value.name].data
+    outputs = [o.name for o in session.get_outputs()]
+    return {n: v.shape for n, v in zip(outputs, session.run(outputs, feeds))}
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_no_tensor_of_a_step_holds_the_whole_blocks_logits(bundles, family):
+    """The next-token loss runs over the vocabulary in CHUNKS row chunks: at 4 x 32 tokens no tensor of the step
+    has the (tokens, vocabulary) logits' shape or their gradient's, and each chunk's logits are 1/CHUNKS of them."""
+    batch, length = 4, 32
+    ids = np.random.default_rng(0).integers(0, tiny_lm.VOCAB, (batch, length)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
+             "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}  # fmt: skip
+    shapes = {n: shape for n, shape in _step_tensor_shapes(bundles[family][True], feeds).items()
+              if not BLOCK.search(n)}  # the tiny configs' MLPs are as wide as the vocabulary  # fmt: skip
+    whole = {(batch * length, tiny_lm.VOCAB), (batch, length, tiny_lm.VOCAB)}
+    assert not [n for n, shape in shapes.items() if tuple(shape) in whole]
+    rows = -(-batch * length // CHUNKS)
+    chunk_logits = [n for n, shape in shapes.items() if tuple(shape) == (rows, tiny_lm.VOCAB)]
+    assert len(chunk_logits) >= CHUNKS, chunk_logits
 
 
 def test_recompute_can_be_turned_off_and_is_checked():

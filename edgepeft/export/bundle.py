@@ -29,7 +29,8 @@ from edgepeft.export import causal_lm
 from edgepeft.export.diagnose import native_stderr_silenced, training_graph_error
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
-from edgepeft.export.graph import LABELS_INPUT, attach_loss, export_module, export_transformers, remove_dropout_
+from edgepeft.export.graph import LABELS_INPUT, LOSS_OUTPUT, attach_loss, export_module, export_transformers, remove_dropout_
+from edgepeft.export.chunked_loss import chunk_vocabulary_loss_
 from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names, is_lora_a
 from edgepeft.export.quantize import quantize_initializers_
@@ -135,6 +136,8 @@ def export(
 
         axes = causal_lm.SEQUENCE_AXES if traced.task is not None else None
         full = attach_loss(forward, loss_module, traced.example_output, example_labels, Path(tmp), options.opset, axes)
+        if traced.task is not None:  # the logits of a whole block over the vocabulary were a step's peak
+            chunk_vocabulary_loss_(full, LOSS_OUTPUT)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out, module)
         _bake_learning_rate(out / mf.OPTIMIZER_MODEL)  # runtimes without a learning-rate setter (web)
         if traced.task is not None:  # the KV-cache graph generation runs, the same int8 weights

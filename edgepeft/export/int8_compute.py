@@ -96,7 +96,7 @@ def use_int8_compute_(
             continue
         nodes.extend(replaced.get(id(node), [node]))
     del graph.node[:]
-    graph.node.extend(_fuse_bias(nodes, vectors))
+    graph.node.extend(_share_transposes(_fuse_bias(nodes, vectors)))
     read = {name for node in graph.node for name in node.input}
     graph.initializer.extend(c for c in _constants(opset) if c.name in read)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
@@ -117,6 +117,9 @@ def _matmul(
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     plain = {"transA": 0, "transB": 1, "alpha": 1.0, "transBatchA": 0, "transBatchB": 0}
     if node.op_type == "FusedMatMul" and list(node.input[1:]) == [transposed] and attrs == {**plain, **attrs} == plain:
+        return _input_gradient(name, node.input[0], dequantize, node.output[0], opset, gradients)
+    gemm = {"transA": 0, "transB": 1, "alpha": 1.0, "beta": attrs.get("beta", 1.0)}  # a 2-D MatMul's gradient
+    if node.op_type == "Gemm" and list(node.input[1:]) == [transposed] and attrs == {**gemm, **attrs} == gemm:
         return _input_gradient(name, node.input[0], dequantize, node.output[0], opset, gradients)
     return None
 
@@ -252,6 +255,24 @@ def chunked_dequantized_matmul(
         parts.append(f"{p}/product")
     nodes.append(helper.make_node("Sum", parts, [output], name=name))
     return nodes
+
+
+def _share_transposes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """One `Transpose` of each int8 weight however many matmuls read it (a chunked loss's `MatMul`s share the
+    tied embedding): the first one's output replaces the others'."""
+    first: dict[tuple[str, tuple[int, ...]], str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in nodes:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        if node.op_type == "Transpose" and node.name.endswith("/transpose_int8"):
+            key = (node.input[0], tuple(_attr(node, "perm", [])))
+            if key in first:
+                renamed[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        kept.append(node)
+    return kept
 
 
 def _row_counts(graph: onnx.GraphProto) -> dict[str, int]:

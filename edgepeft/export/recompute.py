@@ -48,12 +48,10 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
     examples as `data_inputs`) in place so each block's activations are recomputed for its backward pass.
     Returns the number of blocks rewritten."""
     graph = model.graph
-    nodes = list(graph.node)
-    start = next((i for i, n in enumerate(nodes) if seed in n.input), None)
-    if start is None:
+    forward, backward = split_passes(list(graph.node), seed, set(data_inputs))
+    if not backward:
         logger.info("no backward pass found (%s): nothing recomputed", seed)
         return 0
-    forward, backward = nodes[:start], nodes[start:]
     static = _static_tensors(graph, forward, set(data_inputs))
     weights = {i.name for i in graph.input} - set(data_inputs)  # parameters, trainable or frozen
     producer = {out: node for node in forward for out in node.output}
@@ -136,6 +134,35 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
     ])  # fmt: skip
     logger.info("%d blocks recompute their activations in the backward pass", rewritten)
     return rewritten
+
+
+def split_passes(
+    nodes: list[onnx.NodeProto], seed: str, data: set[str]
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """The forward pass and the backward pass (what descends from the loss gradient `seed`, and what only the
+    backward reads of the weights alone, such as a weight dequantized for an input gradient), each in the graph's
+    order; `data` are the graph's example inputs.
+
+    ORT's gradient builder may write backward nodes among the forward ones (the gradient of a division by the
+    count of scored tokens needs only the labels); forward then backward is still topological.
+    """
+    reached, from_data = {seed}, set(data)
+    for node in nodes:  # the graph's order is topological: a node's inputs are made before it
+        if reached.intersection(node.input):
+            reached.update(out for out in node.output if out)
+        if from_data.intersection(node.input):
+            from_data.update(out for out in node.output if out)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+    backward: set[int] = set()
+    for node in reversed(nodes):
+        users = [user for out in node.output for user in readers[out]]
+        only_backward = users and all(id(user) in backward for user in users)
+        if reached.intersection(node.output) or only_backward and not from_data.intersection(node.output):
+            backward.add(id(node))
+    return [n for n in nodes if id(n) not in backward], [n for n in nodes if id(n) in backward]
 
 
 def _static_tensors(graph: onnx.GraphProto, forward: list[onnx.NodeProto], data: set[str]) -> set[str]:

@@ -366,7 +366,7 @@ class TrainingSession:
         each one's gradient is taken alone and weighted by its share of the examples.
         """
         if len(micro) == 1:
-            return self._training_loss(micro[0])
+            return self._loss(micro[0])
         params = self._state.parameters
         names = [spec.name for spec in self.manifest.trainable]
         rows = sum(len(batch) for batch in micro)
@@ -374,7 +374,7 @@ class TrainingSession:
         loss_sum = 0.0
         for batch in micro:
             self._module.lazy_reset_grad()  # the next call overwrites the gradients instead of adding to them
-            loss_sum += self._training_loss(batch) * len(batch)
+            loss_sum += self._loss(batch) * len(batch)
             weight = np.float32(len(batch) / rows)
             for name in names:
                 weighted = params[name].grad * weight
@@ -383,9 +383,9 @@ class TrainingSession:
             params[name]._parameter.grad.update_inplace(summed[name])  # the buffer the optimizer step reads
         return loss_sum / rows
 
-    def _training_loss(self, batch: Dataset) -> float:
-        """One forward and backward pass; its loss. ORT returns a lone array when the loss is the only output
-        (a causal LM's training graph outputs no logits)."""
+    def _loss(self, batch: Dataset) -> float:
+        """The loss of one pass of the module as it is set (training: forward and backward). ORT returns a lone
+        array when the loss is the only output (a causal LM's graphs output no logits)."""
         outputs = self._module(*self._feeds(batch))
         return float(outputs if isinstance(outputs, np.ndarray) else outputs[0])
 
@@ -452,7 +452,7 @@ class TrainingSession:
         for batch in batches(data, batch_size):
             count = scored_tokens(batch.labels)
             if count:  # a batch with no scored token has no loss (0 / 0)
-                loss_sum += float(self._module(*self._feeds(batch))[0]) * count
+                loss_sum += self._loss(batch) * count
                 tokens += count
         self._module.train()
         return EvalReport(loss_sum / max(tokens, 1), None, len(data), perplexity(loss_sum, tokens), tokens)
