@@ -116,9 +116,9 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
         users = {o: [n for n in graph.node if o in n.input] for d in graph.node if d.op_type == "DequantizeLinear"
                  for o in d.output}  # fmt: skip
         assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and "_Grad" in u[0].name for u in users.values())
-        int8 = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"  # each token's row its own scale
+        int8 = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"  # each token's row its own scale
                 and not n.name.endswith("/recompute")]  # the block's copy for the backward (test_lm_memory.py)
-        assert len(int8) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/unit") for n in int8)  # lm_head: a chunk each
+        assert len(int8) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/u7") for n in int8)  # lm_head: a chunk each
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -146,7 +146,7 @@ def test_lm_gradients_are_fp32_by_default(lm, tmp_path):
     assert mf.Manifest.load(bundle).stats["int8_gradients"] is False
     nodes = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph.node
     assert any(n.op_type == "DequantizeLinear" for n in nodes)
-    assert not [n.name for n in nodes if n.op_type == "DynamicQuantizeMatMul" and "_Grad" in n.name]
+    assert not [n.name for n in nodes if n.op_type == "MatMulIntegerToFloat" and "_Grad" in n.name]
     out = tmp_path / "int8"
     options = ExportOptions(max_length=16, int8_gradients=True)
     export(source, out, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=options)

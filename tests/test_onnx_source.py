@@ -201,7 +201,7 @@ def test_onnx_from_torch_int8(torch_made_onnx, tmp_path):
     manifest = _export_net(path, tmp_path / "b", "int8")
     assert manifest.stats["quantized_weights"] == 2 and manifest.stats["int8_compute"]
     training = onnx.load(str(tmp_path / "b" / "training_model.onnx"))
-    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in training.graph.node) >= 2  # both in int8
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in training.graph.node) >= 2  # both in int8
     expected = _head_of_features(tmp_path / "b", _features(path, "features", {"tokens": tokens}))
     predicted = TrainingSession(tmp_path / "b").predict({"tokens": tokens}).outputs
     assert np.abs(predicted - expected).max() < 0.02  # int8 weights: measured 2e-3
