@@ -248,14 +248,25 @@ def chunked_dequantized_matmul(
     name: str, gradient: str, dq_inputs: list[str], output: str, rows: int, chunk: int = CHUNK_ROWS
 ) -> list[onnx.NodeProto]:
     """`gradient @ DQ(W)` as the sum over row blocks `gradient[..., a:b] @ DQ(W[a:b])`: exact up to float
-    summation order, and no fp32 block larger than `chunk` rows of W exists at once."""
-    nodes, parts = [], []
+    summation order, and no fp32 block larger than `chunk` rows of W exists at once.
+
+    Each block's slice of W starts at an offset of 0 computed from the shape of what came before (the gradient,
+    then the previous block's product): ORT orders nodes itself, and a `DequantizeLinear` of weights alone could
+    otherwise run as early as it likes, all blocks at once (113 MB for SmolLM2's tied lm_head).
+    """
+    nodes, parts, after = [], [], gradient
     for i, begin in enumerate(range(0, rows, chunk)):
         p = f"{name}/chunk{i}"
+        nodes += [
+            helper.make_node("Shape", [after], [f"{p}/after"], name=f"{p}/after"),
+            helper.make_node("Slice", [f"{p}/after", _FIRST_AXIS, _ONE_END], [f"{p}/first"], name=f"{p}/first"),
+            helper.make_node("Sub", [f"{p}/first", f"{p}/first"], [f"{p}/zero"], name=f"{p}/zero"),
+        ]
         bounds = [f"{p}/begin", f"{p}/end"]
         for bound, value in zip(bounds, (begin, min(begin + chunk, rows))):
             array = numpy_helper.from_array(np.array([value], np.int64))
-            nodes.append(helper.make_node("Constant", [], [bound], name=bound, value=array))
+            nodes.append(helper.make_node("Constant", [], [f"{bound}_at"], name=f"{bound}_at", value=array))
+            nodes.append(helper.make_node("Add", [f"{bound}_at", f"{p}/zero"], [bound], name=bound))
         pieces = []
         for j, tensor in enumerate(dq_inputs):
             pieces.append(f"{p}/w{j}")
@@ -263,7 +274,7 @@ def chunked_dequantized_matmul(
         nodes.append(helper.make_node("DequantizeLinear", pieces, [f"{p}/weight"], name=f"{p}/dequantize", axis=0))
         nodes.append(helper.make_node("Slice", [gradient, *bounds, _LAST_AXIS], [f"{p}/gradient"], name=f"{p}/g"))
         nodes.append(helper.make_node("MatMul", [f"{p}/gradient", f"{p}/weight"], [f"{p}/product"], name=p))
-        parts.append(f"{p}/product")
+        parts.append(after := f"{p}/product")
     nodes.append(helper.make_node("Sum", parts, [output], name=name))
     return nodes
 
@@ -303,6 +314,7 @@ def _constants(opset: int) -> list[onnx.TensorProto]:
         numpy_helper.from_array(np.array(1e-30, np.float32), _TINY),
         numpy_helper.from_array(np.array([-1], np.int64), _LAST_AXIS),
         numpy_helper.from_array(np.array([0], np.int64), _FIRST_AXIS),
+        numpy_helper.from_array(np.array([1], np.int64), _ONE_END),
         numpy_helper.from_array(np.array(1 / 63, np.float32), _U7_SCALE),
         numpy_helper.from_array(np.array(64, np.uint8), _U7_ZERO),
     ]
@@ -310,7 +322,7 @@ def _constants(opset: int) -> list[onnx.TensorProto]:
 
 
 _ONE, _TINY, _LAST_AXIS, _FIRST_AXIS = "row_int8/one", "row_int8/tiny", "row_int8/last_axis", "row_int8/first_axis"
-_U7_SCALE, _U7_ZERO = "int8/u7_scale", "int8/u7_zero"
+_U7_SCALE, _U7_ZERO, _ONE_END = "int8/u7_scale", "int8/u7_zero", "int8/one_end"
 
 
 def _transposed_matmul(node: onnx.NodeProto, transposed: str, weight: str) -> list[onnx.NodeProto] | None:

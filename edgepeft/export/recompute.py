@@ -27,6 +27,7 @@ The cost is one more forward pass of the blocks (about a third of a step).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 from collections import defaultdict
@@ -48,7 +49,7 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
     examples as `data_inputs`) in place so each block's activations are recomputed for its backward pass.
     Returns the number of blocks rewritten."""
     graph = model.graph
-    forward, backward = split_passes(list(graph.node), seed, set(data_inputs))
+    forward, backward = split_passes(list(graph.node), seed)
     if not backward:
         logger.info("no backward pass found (%s): nothing recomputed", seed)
         return 0
@@ -82,8 +83,11 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
             continue
         needed = _ancestors(saved, producer, inside, static)
         copies = [node for node in members if id(node) in needed]
-        first = min((r for t in saved for r in backward_reads[t]), key=lambda n: position[id(n)])
-        gradient = next((name for name in first.input if name in backward_made), None)
+        readers = sorted({id(r): r for t in saved for r in backward_reads[t]}.values(), key=lambda n: position[id(n)])
+        first = readers[0]  # the copies go before it (the order is made topological again at the end)
+        # the gate: a gradient the first reader that takes one reads (a weight gradient's Reshape of the
+        # block's input may come before any gradient)
+        gradient = next((name for r in readers for name in r.input if name in backward_made), None)
         if gradient is None:  # the first reader takes no gradient: no tensor to order the copy after
             continue
         prefix = f"recompute/block{index}"
@@ -126,7 +130,7 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
         ordered.extend(insert.get(i, ()))
         ordered.append(node)
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(_topological(ordered))
     graph.initializer.extend([
         numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), _END),
         numpy_helper.from_array(np.array([0], np.int64), _AXIS),
@@ -136,33 +140,53 @@ def recompute_blocks_(model: onnx.ModelProto, data_inputs: list[str], seed: str 
     return rewritten
 
 
-def split_passes(
-    nodes: list[onnx.NodeProto], seed: str, data: set[str]
-) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+def split_passes(nodes: list[onnx.NodeProto], seed: str) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
     """The forward pass and the backward pass (what descends from the loss gradient `seed`, and what only the
-    backward reads of the weights alone, such as a weight dequantized for an input gradient), each in the graph's
-    order; `data` are the graph's example inputs.
+    backward reads: a weight gradient's Reshape of a forward activation, a weight dequantized for an input
+    gradient), each in the graph's order.
 
     ORT's gradient builder may write backward nodes among the forward ones (the gradient of a division by the
-    count of scored tokens needs only the labels); forward then backward is still topological.
+    count of scored tokens needs only the labels).
     """
-    reached, from_data = {seed}, set(data)
+    reached = {seed}
     for node in nodes:  # the graph's order is topological: a node's inputs are made before it
         if reached.intersection(node.input):
             reached.update(out for out in node.output if out)
-        if from_data.intersection(node.input):
-            from_data.update(out for out in node.output if out)
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in nodes:
         for name in node.input:
             readers[name].append(node)
     backward: set[int] = set()
-    for node in reversed(nodes):
+    for node in reversed(nodes):  # a Shape is the forward's (a gradient's shape may come from it: no cycle)
         users = [user for out in node.output for user in readers[out]]
-        only_backward = users and all(id(user) in backward for user in users)
-        if reached.intersection(node.output) or only_backward and not from_data.intersection(node.output):
+        only_backward = users and all(id(user) in backward for user in users) and node.op_type not in _STATIC_OPS
+        if reached.intersection(node.output) or only_backward:
             backward.add(id(node))
     return [n for n in nodes if id(n) not in backward], [n for n in nodes if id(n) in backward]
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where each comes after what it reads, as close to the given order as that allows."""
+    made = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waits = [{made[name] for name in node.input if name in made} for node in nodes]
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, producers in enumerate(waits):
+        for j in producers:
+            users[j].append(i)
+    left = [len(w) for w in waits]
+    ready = [i for i, n in enumerate(left) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in users[i]:
+            left[j] -= 1
+            if not left[j]:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise ValueError("the recomputed graph has a cycle")
+    return order
 
 
 def _static_tensors(graph: onnx.GraphProto, forward: list[onnx.NodeProto], data: set[str]) -> set[str]:
