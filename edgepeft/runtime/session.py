@@ -130,15 +130,10 @@ class TrainingSession:
         # step at 8 x 128 drops from ~500 MB to ~410 MB (pattern) and on to ~250 MB (reuse), same speed.
         options.enable_mem_pattern = False
         options.enable_mem_reuse = False
+        self._session_options = options
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
-            self._module = api.Module(
-                str(self.bundle.file(mf.TRAINING_MODEL)),
-                self._state,
-                str(self.bundle.file(mf.EVAL_MODEL)),
-                session_options=options,
-            )
-            self._optimizer = api.Optimizer(str(self.bundle.file(mf.OPTIMIZER_MODEL)), self._module)
+            self._build_module(evaluation=False)
         except Exception as e:  # ORT raises plain RuntimeErrors/Fail for unreadable models
             raise BundleError(
                 f"ONNX Runtime cannot load {checkpoint} with bundle {self.bundle.path}: {str(e).splitlines()[0]}"
@@ -150,6 +145,32 @@ class TrainingSession:
                 raise BundleError(
                     f"the bundle's {spec.name} has shape {spec.shape}; the checkpoint disagrees ({found})"
                 )
+
+    def _build_module(self, evaluation: bool) -> None:
+        """The training module and optimizer on the current state; with `evaluation`, the module also holds the
+        evaluation graph. Training alone never loads that graph (a second ORT session: ~40 MB for SmolLM2-135M);
+        `_evaluation_module` rebuilds the module with it on the same state the first time it is needed, which
+        keeps parameters, gradients, AdamW moments and step count (measured: the same losses after)."""
+        api = training_api()
+        evaluation_model = str(self.bundle.file(mf.EVAL_MODEL)) if evaluation else None
+        self._module = self._optimizer = None  # the old sessions go before the new ones are built
+        self._module = api.Module(
+            str(self.bundle.file(mf.TRAINING_MODEL)), self._state, evaluation_model,
+            session_options=self._session_options,
+        )  # fmt: skip
+        self._optimizer = api.Optimizer(str(self.bundle.file(mf.OPTIMIZER_MODEL)), self._module)
+        self._evaluates = evaluation
+
+    def _evaluation_module(self):
+        """The module, set to evaluate (loading the evaluation graph if this session has not yet)."""
+        if not self._evaluates:
+            try:
+                self._build_module(evaluation=True)
+            except Exception as e:  # ORT raises plain RuntimeErrors/Fail for unreadable models
+                raise BundleError(f"ONNX Runtime cannot load the evaluation graph of bundle {self.bundle.path}: "
+                                  f"{str(e).splitlines()[0]}") from None  # fmt: skip
+        self._module.eval()
+        return self._module
 
     def _restore(self, directory: str | os.PathLike) -> None:
         self._load_state(*read_state(directory, self.manifest.base_fingerprint), directory)
@@ -427,7 +448,7 @@ class TrainingSession:
         """Mean loss over `data`, and accuracy for a classifier (or per-output accuracy for BCE)."""
         if data.labels is None or len(data) == 0:
             raise InputError("evaluation data is empty or has no labels")
-        self._module.eval()
+        self._evaluation_module()
         if self._task is not None:
             return self._evaluate_tokens(data, batch_size)
         loss_sum, correct, seen = 0.0, 0, 0
@@ -488,7 +509,7 @@ class TrainingSession:
         if isinstance(features, (list, tuple)):
             features = self.encode(list(features))
         data = self.dataset(features)
-        self._module.eval()
+        self._evaluation_module()
         outputs = [self._module(*self._feeds(batch))[1] for batch in batches(data, batch_size)]
         self._module.train()
         output = np.concatenate(outputs)
