@@ -171,3 +171,17 @@ def test_a_manifest_with_frozen_adapter_tensors_needs_schema_4(ffa_bundle):
     data["schema_version"] = 3  # a runtime reading version 3 would save adapters without lora_A
     with pytest.raises(BundleError, match="version 3 has no `frozen_adapter`"):
         Manifest.from_dict(data)
+
+
+def test_server_optimizers_refuse_dp_and_secagg_and_bad_values():
+    base = dict(bundle="b", train_data="t", num_partitions=5)
+    with pytest.raises(InputError, match="run with `server_optimizer` 'fedavg'"):
+        FedSettings(**base, server_optimizer="fedavgm", privacy="central")
+    with pytest.raises(InputError, match="run with `server_optimizer` 'fedavg'"):
+        FedSettings(**base, server_optimizer="fedadam", secagg=True)
+    with pytest.raises(InputError, match="`server_optimizer` must be one of"):
+        FedSettings(**base, server_optimizer="sgd")
+    with pytest.raises(InputError, match="`server_momentum` in"):
+        FedSettings(**base, server_optimizer="fedavgm", server_momentum=1.0)
+    s = FedSettings(**base, server_optimizer="fedadam", server_lr=1e-2, server_tau=1e-4)
+    assert FedSettings.from_run_config(s.to_run_config()) == s
