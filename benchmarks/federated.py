@@ -55,14 +55,14 @@ class TreeRss:
         self._thread.join()
 
 
-def _export(out: Path, freeze_a: bool, max_length: int) -> Path:
+def _export(out: Path, freeze_a: bool, max_length: int, optimizer: str = "adamw") -> Path:
     from edgepeft.demo import minilm_path
     from edgepeft.export import ExportOptions, LoraSpec, export
     from conftest import AUSTEN_LABELS
 
     if not (out / "manifest.json").is_file():
         export(minilm_path(), out, lora=LoraSpec(freeze_a=freeze_a),
-               options=ExportOptions(labels=AUSTEN_LABELS, max_length=max_length))  # fmt: skip
+               options=ExportOptions(labels=AUSTEN_LABELS, max_length=max_length, optimizer=optimizer))  # fmt: skip
     return out
 
 
@@ -98,8 +98,9 @@ def accuracy(args) -> None:
     bundles = Path(args.bundles) if args.bundles else out  # exported once, reused by every --out
     bundles.mkdir(parents=True, exist_ok=True)
     train, test, _ = split_austen(out, seed=0)
-    ffa = _export(bundles / "minilm-ffa", True, args.max_length)
-    plain = _export(bundles / "minilm-lora", False, args.max_length)
+    tag = "" if args.client_optimizer == "adamw" else f"-{args.client_optimizer}"  # the bundle's optimizer
+    ffa = _export(bundles / f"minilm-ffa{tag}", True, args.max_length, args.client_optimizer)
+    plain = _export(bundles / f"minilm-lora{tag}", False, args.max_length, args.client_optimizer)
     common = dict(train_data=str(train), test_data=str(test), num_partitions=args.clients, rounds=args.rounds,
                   fraction_train=args.fraction, alpha=args.alpha, learning_rate=args.lr, batch_size=8,
                   local_epochs=args.local_epochs)  # fmt: skip
@@ -204,6 +205,8 @@ def main() -> None:
     a.add_argument("--noise", type=float, default=1.0)
     a.add_argument("--clip", type=float, default=0.5)
     a.add_argument("--alone-sample", type=int, default=10)
+    a.add_argument("--client-optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="the bundles' training optimizer (clients and the centralized and alone baselines)")
     a.add_argument("--server-optimizer", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
     a.add_argument("--server-lr", type=float, default=1.0)
     a.add_argument("--server-momentum", type=float, default=0.0)
