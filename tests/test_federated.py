@@ -162,7 +162,7 @@ def test_cli_federate_runs_a_simulation_and_reports(ffa_bundle, blobs, tmp_path)
     assert both.exit_code == 2 and "--dp or --local-dp" in both.output
     momentum_dp = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "o3"), "--dp",
                                             "--server-optimizer", "fedavgm"])  # fmt: skip
-    assert momentum_dp.exit_code == 1 and "run with `server_optimizer` 'fedavg'" in momentum_dp.output
+    assert momentum_dp.exit_code == 1 and "run with --server-optimizer 'fedavg'" in momentum_dp.output
 
 
 def test_a_manifest_with_frozen_adapter_tensors_needs_schema_4(ffa_bundle):
