@@ -55,14 +55,14 @@ class TreeRss:
         self._thread.join()
 
 
-def _export(out: Path, freeze_a: bool, max_length: int) -> Path:
+def _export(out: Path, freeze_a: bool, max_length: int, optimizer: str = "adamw") -> Path:
     from edgepeft.demo import minilm_path
     from edgepeft.export import ExportOptions, LoraSpec, export
     from conftest import AUSTEN_LABELS
 
     if not (out / "manifest.json").is_file():
         export(minilm_path(), out, lora=LoraSpec(freeze_a=freeze_a),
-               options=ExportOptions(labels=AUSTEN_LABELS, max_length=max_length))  # fmt: skip
+               options=ExportOptions(labels=AUSTEN_LABELS, max_length=max_length, optimizer=optimizer))  # fmt: skip
     return out
 
 
@@ -95,17 +95,22 @@ def accuracy(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    bundles = Path(args.bundles) if args.bundles else out  # exported once, reused by every --out
+    bundles.mkdir(parents=True, exist_ok=True)
     train, test, _ = split_austen(out, seed=0)
-    ffa = _export(out / "minilm-ffa", True, args.max_length)
-    plain = _export(out / "minilm-lora", False, args.max_length)
+    tag = "" if args.client_optimizer == "adamw" else f"-{args.client_optimizer}"  # the bundle's optimizer
+    ffa = _export(bundles / f"minilm-ffa{tag}", True, args.max_length, args.client_optimizer)
+    plain = _export(bundles / f"minilm-lora{tag}", False, args.max_length, args.client_optimizer)
     common = dict(train_data=str(train), test_data=str(test), num_partitions=args.clients, rounds=args.rounds,
                   fraction_train=args.fraction, alpha=args.alpha, learning_rate=args.lr, batch_size=8,
                   local_epochs=args.local_epochs)  # fmt: skip
+    server = dict(server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                  server_momentum=args.server_momentum, server_tau=args.server_tau)  # fmt: skip
     runs = {
-        "federated_ffa": FedSettings(bundle=str(ffa), out_dir=str(out / "run-ffa"), **common),
-        "federated_fedavg_ab": FedSettings(bundle=str(plain), out_dir=str(out / "run-ab"), **common),
+        "federated_ffa": FedSettings(bundle=str(ffa), out_dir=str(out / "run-ffa"), **common, **server),
+        "federated_fedavg_ab": FedSettings(bundle=str(plain), out_dir=str(out / "run-ab"), **common, **server),
         "federated_ffa_dp": FedSettings(bundle=str(ffa), out_dir=str(out / "run-dp"), privacy="central",
-                                        noise_multiplier=args.noise, clip=args.clip, **common),
+                                        noise_multiplier=args.noise, clip=args.clip, **common),  # DP: FedAvg only
     }
     for label in args.only or list(runs) + ["centralized", "alone"]:
         if label in results:
@@ -200,8 +205,15 @@ def main() -> None:
     a.add_argument("--noise", type=float, default=1.0)
     a.add_argument("--clip", type=float, default=0.5)
     a.add_argument("--alone-sample", type=int, default=10)
+    a.add_argument("--client-optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="the bundles' training optimizer (clients and the centralized and alone baselines)")
+    a.add_argument("--server-optimizer", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
+    a.add_argument("--server-lr", type=float, default=1.0)
+    a.add_argument("--server-momentum", type=float, default=0.0)
+    a.add_argument("--server-tau", type=float, default=1e-3)
     a.add_argument("--only", nargs="*")
     a.add_argument("--out", default="fed-bench")
+    a.add_argument("--bundles", default="", help="where the MiniLM bundles are exported once (default: --out)")
     s = sub.add_parser("scale")
     s.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     s.add_argument("--rounds", type=int, default=3)

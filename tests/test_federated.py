@@ -160,6 +160,9 @@ def test_cli_federate_runs_a_simulation_and_reports(ffa_bundle, blobs, tmp_path)
     assert again.exit_code == 1 and "is not empty" in again.output
     both = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "o2"), "--dp", "--local-dp"])
     assert both.exit_code == 2 and "--dp or --local-dp" in both.output
+    momentum_dp = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "o3"), "--dp",
+                                            "--server-optimizer", "fedavgm"])  # fmt: skip
+    assert momentum_dp.exit_code == 1 and "run with --server-optimizer 'fedavg'" in momentum_dp.output
 
 
 def test_a_manifest_with_frozen_adapter_tensors_needs_schema_4(ffa_bundle):
@@ -171,3 +174,17 @@ def test_a_manifest_with_frozen_adapter_tensors_needs_schema_4(ffa_bundle):
     data["schema_version"] = 3  # a runtime reading version 3 would save adapters without lora_A
     with pytest.raises(BundleError, match="version 3 has no `frozen_adapter`"):
         Manifest.from_dict(data)
+
+
+def test_server_optimizers_refuse_dp_and_secagg_and_bad_values():
+    base = dict(bundle="b", train_data="t", num_partitions=5)
+    with pytest.raises(InputError, match="run with `server_optimizer` 'fedavg'"):
+        FedSettings(**base, server_optimizer="fedavgm", privacy="central")
+    with pytest.raises(InputError, match="run with `server_optimizer` 'fedavg'"):
+        FedSettings(**base, server_optimizer="fedadam", secagg=True)
+    with pytest.raises(InputError, match="`server_optimizer` must be one of"):
+        FedSettings(**base, server_optimizer="sgd")
+    with pytest.raises(InputError, match="`server_momentum` in"):
+        FedSettings(**base, server_optimizer="fedavgm", server_momentum=1.0)
+    s = FedSettings(**base, server_optimizer="fedadam", server_lr=1e-2, server_tau=1e-4)
+    assert FedSettings.from_run_config(s.to_run_config()) == s

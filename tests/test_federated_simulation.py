@@ -101,3 +101,45 @@ def test_central_dp_reports_epsilon_per_round(ffa_bundle, blobs, tmp_path):
     eps = [r["epsilon"] for r in report["rounds"][1:]]
     assert eps[0] == pytest.approx(4.73, abs=0.05) and eps[1] > eps[0]  # RDP, no amplification, delta 1e-5
     assert all(r["delta"] == 1e-5 for r in report["rounds"][1:])
+
+
+def _round_records(rec: Path, rnd: int) -> dict[int, dict[str, np.ndarray]]:
+    """What each client computed in round `rnd`: {partition: {"values/<name>": ..., "update/<name>": ...}}."""
+    out = {}
+    for path in rec.glob(f"client-*-round-{rnd}.npz"):
+        with np.load(path) as f:
+            out[int(path.name.split("-")[1])] = {k: f[k] for k in f.files}
+    return out
+
+
+def test_fedavgm_steps_with_server_momentum_not_the_plain_mean(ffa_bundle, blobs, tmp_path):
+    from edgepeft.federated.device import local_data
+
+    s = _settings(ffa_bundle, blobs, tmp_path / "out", rounds=2, server_optimizer="fedavgm", server_lr=1.0,
+                  server_momentum=0.9, record_dir=str(tmp_path / "rec"))  # fmt: skip
+    report = simulate(s)
+    assert report["engine"] == "fedavgm"
+    weights = {p: len(local_data(s, p)) for p in range(4)}
+    r1, r2 = _round_records(tmp_path / "rec", 1), _round_records(tmp_path / "rec", 2)
+    assert sorted(r1) == sorted(r2) == [0, 1, 2, 3]
+    names = [k.split("/", 1)[1] for k in r1[0] if k.startswith("values/")]
+
+    def start(records, name):  # the global adapter a round started from (every client got the same one)
+        starts = [r[f"values/{name}"] - r[f"update/{name}"] for r in records.values()]
+        assert all(np.allclose(x, starts[0], atol=1e-6) for x in starts)
+        return starts[0]
+
+    def mean(records, name):
+        return sum(weights[p] * r[f"values/{name}"] for p, r in records.items()) / sum(weights.values())
+
+    final = _final(ffa_bundle, tmp_path / "out")
+    gaps = []
+    for name in names:
+        w0, w1 = start(r1, name), start(r2, name)
+        g1 = w0 - mean(r1, name)  # round 1's pseudo-gradient; momentum starts at it, so w1 is the mean
+        np.testing.assert_allclose(w1, w0 - g1, atol=1e-5)
+        g2 = w1 - mean(r2, name)
+        np.testing.assert_allclose(final[name], w1 - (0.9 * g1 + g2), atol=1e-5)  # heavy ball, server lr 1
+        gaps.append(float(np.abs(final[name] - mean(r2, name)).max()))  # plain FedAvg's answer
+    assert max(gaps) > 1e-3, gaps  # the momentum term is not negligible: ignoring the setting would fail above
+

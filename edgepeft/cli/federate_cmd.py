@@ -39,11 +39,19 @@ from edgepeft.errors import InputError
 @click.option("--delta", default=1e-5, show_default=True, type=float)
 @click.option("--local-epsilon", default=10.0, show_default=True, type=float)
 @click.option("--secagg", is_flag=True, help="SecAgg+: the server sees only masked vectors and their sum.")
+@click.option("--server-optimizer", default="fedavg", show_default=True,
+              type=click.Choice(["fedavg", "fedavgm", "fedadam"]),
+              help="How the server applies the round's mean update: Flower's FedAvg, FedAvgM (server momentum) or "
+              "FedAdam. --dp and --secagg run FedAvg only. (FedAvgM and FedAdam lost to FedAvg on the Austen "
+              "benchmark: benchmarks/FEDERATED.md.)")
+@click.option("--server-lr", type=float, help="Server step size (default: 1.0; FedAdam: 1e-2).")
+@click.option("--server-momentum", default=0.9, show_default=True, type=float, help="FedAvgM's server momentum.")
 @click.option("--cpus", default=2, show_default=True, type=click.IntRange(1), help="CPUs Ray may use.")
 @click.option("--report", type=click.Path(), help="Also write the report as JSON here.")
 def federate(bundle: str, data: str, test_data: str | None, out: str, clients: int, rounds: int, fraction: float,
              alpha: float, local_epochs: int, batch_size: int, lr: float, max_steps: int, dp: bool, local_dp: bool,
-             noise_multiplier: float, clip: float, delta: float, local_epsilon: float, secagg: bool, cpus: int,
+             noise_multiplier: float, clip: float, delta: float, local_epsilon: float, secagg: bool,
+             server_optimizer: str, server_lr: float | None, server_momentum: float, cpus: int,
              report: str | None) -> None:  # fmt: skip
     """Train one adapter of BUNDLE on --clients simulated devices, each holding a non-IID part of --data.
 
@@ -58,12 +66,15 @@ def federate(bundle: str, data: str, test_data: str | None, out: str, clients: i
     from edgepeft.federated.settings import FedSettings
     from edgepeft.federated.simulation import simulate
 
+    if server_lr is None:
+        server_lr = 1e-2 if server_optimizer == "fedadam" else 1.0
     settings = FedSettings(
         bundle=bundle, train_data=data, test_data=test_data or "", num_partitions=clients, rounds=rounds,
         fraction_train=fraction, alpha=alpha, local_epochs=local_epochs, batch_size=batch_size, learning_rate=lr,
         max_steps=max_steps, privacy="central" if dp else "local" if local_dp else "none",
         noise_multiplier=noise_multiplier, clip=clip, delta=delta, local_epsilon=local_epsilon, secagg=secagg,
-        out_dir=out,
+        server_optimizer=server_optimizer, server_lr=server_lr,
+        server_momentum=server_momentum if server_optimizer == "fedavgm" else 0.0, out_dir=out,
     )  # fmt: skip
     result = simulate(settings, cpus=cpus)
     last = result["rounds"][-1]
@@ -73,6 +84,7 @@ def federate(bundle: str, data: str, test_data: str | None, out: str, clients: i
         "epsilon": last.get("epsilon"), "delta": last.get("delta"),
         "upload_bytes_per_device_per_round": last["upload_bytes_per_device"],
         "adapter": f"{out}/adapter", "secagg": secagg, "privacy": settings.privacy,
+        "server_optimizer": server_optimizer,
     }  # fmt: skip
     click.echo(json.dumps(summary, indent=2))
     write_report(report, {**summary, "per_round": result["rounds"]})

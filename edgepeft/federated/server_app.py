@@ -23,7 +23,7 @@ from edgepeft.runtime import TrainingSession
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg  # noqa: E402
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedAvgM  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +106,28 @@ def _record_received(settings: FedSettings, grid: Grid) -> Grid:
     return Recording()  # type: ignore[return-value]
 
 
+def make_strategy(settings: FedSettings) -> FedAvg:
+    """Flower's FedAvg, FedAvgM or FedAdam (`settings.server_optimizer`), sampling `fraction_train` a round."""
+    # Flower's RDP accounting holds only for an unweighted mean (every client's clipped update counts the same)
+    weight = "unit-weight" if settings.privacy == "central" else "num-examples"
+    low = min(settings.round_minimum, settings.clients_per_round)
+    common: dict[str, Any] = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=low,
+                                  min_available_nodes=low, min_evaluate_nodes=0, weighted_by_key=weight)  # fmt: skip
+    if settings.server_optimizer == "fedavgm":
+        return FedAvgM(server_learning_rate=settings.server_lr, server_momentum=settings.server_momentum, **common)
+    if settings.server_optimizer == "fedadam":
+        return FedAdam(eta=settings.server_lr, eta_l=settings.learning_rate, tau=settings.server_tau, **common)
+    return FedAvg(**common)
+
+
 def run_fedavg(settings: FedSettings, grid: Grid) -> dict[str, Any]:
-    """The message-API run: FedAvg, wrapped for central DP (client-side clipping, server noise, RDP)."""
+    """The message-API run: FedAvg (or FedAvgM / FedAdam), wrapped for central DP (client-side clipping, server
+    noise, RDP)."""
     evaluator = _Evaluator(settings)
     manifest = evaluator.session.manifest
     initial = evaluator.session.trainable_values()
     per_round = settings.clients_per_round
-    # Flower's RDP accounting holds only for an unweighted mean (every client's clipped update counts the same)
-    weight = "unit-weight" if settings.privacy == "central" else "num-examples"
-    low = min(settings.round_minimum, per_round)
-    strategy: Any = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=low,
-                           min_available_nodes=low, min_evaluate_nodes=0, weighted_by_key=weight)  # fmt: skip
+    strategy: Any = make_strategy(settings)
     if settings.privacy == "central":
         from flwr.serverapp import RdpAccountant
         from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
@@ -137,7 +148,7 @@ def run_fedavg(settings: FedSettings, grid: Grid) -> dict[str, Any]:
                             evaluate_fn=evaluate_fn)  # fmt: skip
     final = from_record(result.arrays, manifest)
     train_metrics = {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
-    return evaluator.finish(final, {"train_metrics": train_metrics, "engine": "fedavg"})
+    return evaluator.finish(final, {"train_metrics": train_metrics, "engine": settings.server_optimizer})
 
 
 def run_secagg(settings: FedSettings, grid: Grid, context: Context) -> dict[str, Any]:

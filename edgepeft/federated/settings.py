@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from edgepeft.errors import InputError
 
 PRIVACY_MODES = ("none", "central", "local")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")  # Flower's FedAvg, FedAvgM, FedAdam (flwr.serverapp.strategy)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class FedSettings:
     `privacy`: "none"; "central" (clients clip their update to `clip`, the server adds Gaussian noise of
     `noise_multiplier * clip` and reports (epsilon, `delta`) from Flower's RDP accountant); "local" (each
     client clips and noises its own upload, Flower's LocalDpMod with `local_epsilon`, `delta`).
+    `server_optimizer`: how the server applies the round's mean update (the pseudo-gradient): "fedavg" takes
+    the mean; "fedavgm" steps by `server_lr` with heavy-ball momentum `server_momentum` (Hsu et al. 2019);
+    "fedadam" takes an Adam step of size `server_lr` with adaptivity `server_tau` (Reddi et al. 2021; Flower's
+    betas 0.9, 0.99). Central DP and SecAgg+ run FedAvg only (Flower's RDP accounting needs FedAvg's own
+    aggregation; the SecAgg+ path uses the legacy FedAvg).
     """
 
     bundle: str
@@ -42,6 +48,10 @@ class FedSettings:
     delta: float = 1e-5
     local_epsilon: float = 10.0
     secagg: bool = False
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_tau: float = 1e-3
     out_dir: str = ""  # the final adapter (PEFT format) and report.json are written here ("" nowhere)
     threads: int = 1  # ORT intra-op threads per client
     record_dir: str = ""  # tests: clients write their true updates, the server what it received, here
@@ -63,6 +73,13 @@ class FedSettings:
             raise InputError(f"`privacy` must be one of {PRIVACY_MODES}, got {self.privacy!r}")
         if self.clip <= 0 or self.noise_multiplier < 0 or not 0 < self.delta < 1 or self.local_epsilon <= 0:
             raise InputError("`clip` and `local_epsilon` must be positive, `noise_multiplier` >= 0, `delta` in (0, 1)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise InputError(f"`server_optimizer` must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        if self.server_lr <= 0 or not 0 <= self.server_momentum < 1 or self.server_tau <= 0:
+            raise InputError("`server_lr` and `server_tau` must be positive, `server_momentum` in [0, 1)")
+        if self.server_optimizer != "fedavg" and (self.privacy == "central" or self.secagg):
+            raise InputError(f"central DP and SecAgg+ run with `server_optimizer` 'fedavg', not "
+                             f"{self.server_optimizer!r}")  # fmt: skip
         if self.privacy == "central" and self.noise_multiplier <= 0:
             raise InputError("central DP needs a positive `noise_multiplier` (its epsilon is reported)")
 
