@@ -605,7 +605,9 @@ class TrainingSession:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            self._module.export_model_for_inferencing(str(tmp), [spec.name for spec in self.manifest.outputs])
+            module = self._evaluation_module()  # ORT exports from the evaluation graph
+            module.export_model_for_inferencing(str(tmp), [spec.name for spec in self.manifest.outputs])
+            module.train()
             fsync_file(tmp)
             os.replace(tmp, path)
         except BaseException:
