@@ -94,6 +94,23 @@ def test_cached_tokens_are_the_whole_prefix_argmax(bundles, family):
     assert generator.generate("the cat sat", values, 10, stop_ids=(), use_cache=False).token_ids == cached.token_ids
 
 
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_teacher_forced_picks_are_each_forced_prefix_argmax(bundles, family):
+    """Forcing in another continuation: each pick is the argmax of a cache-free run over the prompt and the forced
+    tokens before it; forcing in the device's own greedy tokens gives them back."""
+    generator, bundle = _generator(bundles[family][1])
+    values = _adapter(bundle)
+    own = generator.generate("the cat sat", values, 8, stop_ids=()).token_ids
+    assert generator.teacher_forced("the cat sat", own, values) == own
+    forced = [int(t) for t in np.random.default_rng(1).integers(0, tiny_lm.VOCAB, 8)]
+    picks = generator.teacher_forced("the cat sat", forced, values)
+    sequence = generator._prompt_ids("the cat sat")
+    for pick, token in zip(picks, forced):
+        assert pick == int(np.argmax(generator._run(generator._binding(values), sequence, 0, first=True)))
+        sequence.append(token)
+    assert picks != own  # the forced tokens, not the device's own, were read
+
+
 def test_generation_graph_computes_the_last_positions_logits_only(bundles):
     model = onnx.load(str(bundles["llama"][1] / mf.GENERATION_MODEL), load_external_data=False)
     logits = next(o for o in model.graph.output if o.name == "logits")

@@ -118,6 +118,10 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
                        "prompts": list(config.prompts), "prompt_ids": prompt_ids, "max_new_tokens": config.max_new_tokens,
                        "stop_token_ids": stops}  # fmt: skip
                 raw[system]["generate"].append(run(f"generate {system}, round {r + 1}", job))
+        theirs = raw[PYTORCH]["generate"][0]
+        job = {**base[EDGEPEFT], **common, "task": "lm_teacher_forced", "adapter": str(adapter),
+               "prompts": list(config.prompts), "continuations": theirs["token_ids"]}  # fmt: skip
+        raw[EDGEPEFT]["teacher_forced"] = run("teacher-forced picks edgepeft", job)["picks"]
         for system in base:
             job = {**base[system], **common, "task": "lm_perplexity", "adapter": str(adapter),
                    "text": str(heldout["emma"])}  # fmt: skip
@@ -176,9 +180,36 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int])
             "bundle_int8_over_fp32": round(sizes["int8"] / sizes["fp32"], 3),
         },
         "greedy_agreement": {"prompts": len(pairs), f"first_{n}_tokens_agree": agree, "common_prefix": agreed},
+        "teacher_forced": teacher_forced(raw[EDGEPEFT].get("teacher_forced", []), raw[PYTORCH]["generate"][0]),
         "bytes": sizes,
         "continuations": {s: raw[s]["generate"][0]["token_ids"] for s in raw},
     }
+
+
+# The int8 tolerance of greedy decoding. Free-running greedy paths part at the first position where int8 rounding
+# flips the top token, and differ from then on (SmolLM2's fp32 top-2 logit margin is below 0.4 at a quarter of
+# its greedy positions). So agreement is scored teacher-forced: the fp32 model's greedy tokens are forced into the
+# device, and the device must pick the fp32 token at MIN_AGREEMENT of the positions, and may pick another only
+# where fp32's own top two logits were within NEAR_TIE of each other (a near tie int8 rounding may flip).
+NEAR_TIE = 0.5
+MIN_AGREEMENT = 0.9
+
+
+def teacher_forced(picks: list[list[int]], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Score edgepeft's teacher-forced `picks` against the other system's greedy tokens and their top-2 margins."""
+    positions = agreed = 0
+    misses: list[float] = []  # the fp32 margin where the picks differ
+    for ours, tokens, margins in zip(picks, theirs["token_ids"], theirs.get("margins", [])):
+        for pick, token, margin in zip(ours, tokens, margins):
+            positions += 1
+            if pick == token:
+                agreed += 1
+            else:
+                misses.append(round(margin, 3))
+    return {"positions": positions, "agree": agreed, "rate": round(agreed / positions, 4) if positions else None,
+            "near_tie": NEAR_TIE, "min_agreement": MIN_AGREEMENT, "miss_margins": misses,
+            "within_tolerance": positions > 0 and agreed >= MIN_AGREEMENT * positions
+                                and all(m < NEAR_TIE for m in misses)}  # fmt: skip
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -215,8 +246,19 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Greedy agreement: {g[agree_key]} of {g['prompts']} prompts agree on their first "
         f"{agree_key.split('_')[1]} tokens (common prefixes {g['common_prefix']}).",
+        _teacher_forced_line(results.get("teacher_forced")),
         f"Bundle: int8 {b['int8'] / 1e6:.1f} MB, fp32 {b['fp32'] / 1e6:.1f} MB ({r['bundle_int8_over_fp32']:.3f}); "
         f"adapter {b['adapter'] / 1e3:.0f} KB. edgepeft loaded torch: {s[EDGEPEFT]['torch_loaded']}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _teacher_forced_line(t: dict[str, Any] | None) -> str:
+    if not t or not t["positions"]:
+        return "Teacher-forced agreement: not measured."
+    worst = max(t["miss_margins"], default=0.0)
+    return (f"Teacher-forced on PyTorch's greedy tokens: edgepeft picks the same token at {t['agree']} of "
+            f"{t['positions']} positions ({100 * t['rate']:.1f}%; the tolerance: at least {100 * t['min_agreement']:.0f}%, "
+            f"and a miss only where fp32's top-2 logit margin is < {t['near_tie']}; largest miss margin {worst}): "
+            f"within tolerance: {t['within_tolerance']}.")

@@ -109,13 +109,18 @@ def lm_generate(job: dict[str, Any]) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(job["model"])
         stop = job["stop_token_ids"]
 
+        margins: list[list[float]] = []  # each new token's top-1 minus top-2 logit: how near a tie the pick was
+
         def run(prompt: str) -> list[int]:
             ids = torch.tensor([job["prompt_ids"][prompt]])
             with torch.no_grad():
                 out = system.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                             do_sample=False, use_cache=True, eos_token_id=stop,
-                                            pad_token_id=tokenizer.pad_token_id or stop[0])  # fmt: skip
-            return out[0, ids.shape[1] :].tolist()
+                                            pad_token_id=tokenizer.pad_token_id or stop[0],
+                                            output_logits=True, return_dict_in_generate=True)  # fmt: skip
+            top = [torch.topk(step[0], 2).values for step in out.logits]
+            margins.append([float(t[0] - t[1]) for t in top])
+            return out.sequences[0, ids.shape[1] :].tolist()
 
     else:
         from edgepeft.runtime import TrainingSession
@@ -132,7 +137,20 @@ def lm_generate(job: dict[str, Any]) -> dict[str, Any]:
         outputs.append(run(prompt))
         seconds += time.perf_counter() - start
     produced = sum(len(o) for o in outputs)
-    return {"token_ids": outputs, "new_tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+    result = {"token_ids": outputs, "new_tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+    if job["system"] == PYTORCH:
+        result["margins"] = margins[1:]  # the warm-up call's first
+    return result
+
+
+def lm_teacher_forced(job: dict[str, Any]) -> dict[str, Any]:
+    """edgepeft's greedy pick at each position of the other system's greedy continuations, forced in."""
+    from edgepeft.runtime import TrainingSession
+
+    session = TrainingSession(job["bundle"], threads=job["threads"])
+    session.load_adapter(job["adapter"])
+    picks = [session.teacher_forced(p, c) if c else [] for p, c in zip(job["prompts"], job["continuations"])]
+    return {"picks": picks}
 
 
 def lm_perplexity(job: dict[str, Any]) -> dict[str, Any]:

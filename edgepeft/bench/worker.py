@@ -1,7 +1,7 @@
 """One measurement in a fresh process: `python -m edgepeft.bench.worker JOB_JSON` prints one JSON line.
 
 A job names a `task` (speed, cold_train, cold_predict, latency, accuracy, peak; lm_train, lm_generate,
-lm_perplexity in `edgepeft.bench.lm_worker`) and, for all but peak,
+lm_perplexity, lm_teacher_forced in `edgepeft.bench.lm_worker`) and, for all but peak,
 a `system`; a peak job names a `library` (`edgepeft.bench.peak.LIBRARIES`). Every process but PyTorch's
 and torch's peak blocks torch (`sys.modules["torch"] = None`) before it imports anything that could load
 it, as a device would have none; peak memory is this process's own VmHWM.
@@ -127,7 +127,7 @@ def _lm(name: str):
 
 TASKS = {"speed": _speed, "cold_train": _cold_train, "cold_predict": _cold_predict, "latency": _latency,
          "accuracy": _accuracy, "peak": _peak, **{name: _lm(name) for name in ("lm_train", "lm_generate",
-                                                                               "lm_perplexity")}}  # fmt: skip
+                                                                               "lm_perplexity", "lm_teacher_forced")}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,7 +151,7 @@ def export(
         decompose_gelu_grad_(training)
         if traced.task is not None:
             causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
-        int8_gradients = options.gradients_in_int8(causal_lm=traced.task is not None)
+        int8_gradients = options.int8_gradients
         data_inputs = [v.name for v in forward.graph.input if v.name not in held] + [LABELS_INPUT]
         recompute = options.recompute_blocks(causal_lm=traced.task is not None)
         _save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=int8_gradients,

@@ -57,6 +57,8 @@ def use_int8_compute_(
     vectors = _vectors(graph)
     _ROWS.clear()
     _ROWS.update(_row_counts(graph))
+    _SOFTMAX_GRADIENTS.clear()
+    _SOFTMAX_GRADIENTS.update(_softmax_gradients(graph))
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> nodes in its place
     removed: set[int] = set()
@@ -199,8 +201,14 @@ def _row_range(p: str, x: str, opset: int) -> list[onnx.NodeProto]:
 def _input_gradient(
     name: str, gradient: str, dequantize: onnx.NodeProto, output: str, opset: int, gradients: bool
 ) -> list[onnx.NodeProto]:
-    """`gradient @ DQ(W)`: in int8 with per-row gradient scales if `gradients`, else in fp32."""
-    if gradients:
+    """`gradient @ DQ(W)`: in int8 with per-row gradient scales if `gradients`, else in fp32.
+
+    A softmax cross-entropy's gradient (into a tied or frozen lm_head) is always multiplied in fp32: its row is
+    one value near -1 and tens of thousands of small probabilities, which per-row 7-bit rounding sets to 0, and
+    their sum (the push away from every predicted token) is lost. Measured on SmolLM2, 30 steps: held-out
+    perplexity 46.9 -> 304 with it in int8, 46.9 -> 39.6 with it in fp32 and the layers' gradients in int8
+    (all fp32: 39.4)."""
+    if gradients and gradient not in _SOFTMAX_GRADIENTS:
         return row_int8_matmul(name, gradient, *dequantize.input[:2], output, opset)
     return _dequantized_matmul(name, gradient, dequantize, output)
 
@@ -242,6 +250,17 @@ def _dequantized_matmul(name: str, gradient: str, dequantize: onnx.NodeProto, ou
 
 CHUNK_ROWS = 8192
 _ROWS: dict[str, int] = {}  # quantized weight -> its rows, for the rewrite under way
+_SOFTMAX_GRADIENTS: set[str] = set()  # tensors holding a softmax cross-entropy's gradient, in the rewrite under way
+_SHAPE_ONLY = {"Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _softmax_gradients(graph: onnx.GraphProto) -> set[str]:
+    """The outputs of `SoftmaxCrossEntropyLossGrad`, and what only reshapes them."""
+    found: set[str] = set()
+    for node in graph.node:  # topologically sorted: producers first
+        if node.op_type == "SoftmaxCrossEntropyLossGrad" or (node.op_type in _SHAPE_ONLY and node.input[0] in found):
+            found.update(node.output[:1])
+    return found
 
 
 def chunked_dequantized_matmul(

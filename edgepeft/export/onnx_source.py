@@ -132,7 +132,7 @@ def export_onnx(
         _generate_artifacts(full, trainable, frozen, options.optimizer, out)
         training = onnx.load(str(out / mf.TRAINING_MODEL))
         decompose_gelu_grad_(training)
-        gradients = options.gradients_in_int8(causal_lm=False)
+        gradients = options.int8_gradients
         compile_._save(training, out / mf.TRAINING_MODEL, int8_compute, matmuls=True, gradients=gradients)
         compile_._save(onnx.load(str(out / mf.EVAL_MODEL)), out / mf.EVAL_MODEL, int8_compute, inference=True)
         compile_._check_loadable(out / mf.TRAINING_MODEL)  # a bundle the device cannot load is never written

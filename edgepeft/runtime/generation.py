@@ -135,6 +135,21 @@ class Generator:
         text = self._data.tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
         return Generation(text, new, len(ids), stopped, prefill, decode)
 
+    def teacher_forced(self, prompt: str | list[dict], continuation: list[int], values: dict[str, np.ndarray]) -> list[int]:
+        """The greedy token the device picks after `prompt` and each prefix of `continuation` (forced in, one
+        cached run a token, as `generate` runs them): `[argmax after prompt, after prompt + c[0], ...]`.
+
+        Where another model's greedy continuation is forced in, a position's pick differs from that model's only
+        where the two disagree on that token, not because an earlier choice sent them down another path."""
+        if not continuation:
+            raise InputError("`continuation` is empty: there is no position to score")
+        ids = self._prompt_ids(prompt)
+        binding = self._binding(values)
+        picks = [int(np.argmax(self._run(binding, ids, 0, first=True)))]
+        for i, token in enumerate(continuation[:-1]):
+            picks.append(int(np.argmax(self._run(binding, [int(token)], len(ids) + i, first=False))))
+        return picks
+
     def _prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:

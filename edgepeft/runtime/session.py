@@ -491,16 +491,24 @@ class TrainingSession:
     ):
         """Continue `prompt` (a text, or chat messages rendered with the bundle's chat template) with the current
         adapter; stops at eos. `temperature` 0 is greedy. Returns a `Generation` (text, token ids, timings)."""
+        return self._lm_generator().generate(
+            prompt, self.trainable_values(), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, use_cache=use_cache,
+        )  # fmt: skip
+
+    def teacher_forced(self, prompt: str | list[dict], continuation: list[int]) -> list[int]:
+        """The greedy token the current adapter picks after `prompt` and after each prefix of `continuation`
+        (forced in, as `generate` would run it): how often another model's greedy tokens are this one's choice."""
+        return self._lm_generator().teacher_forced(prompt, continuation, self.trainable_values())
+
+    def _lm_generator(self):
         if self._task is None:
             raise InputError(f"bundle {self.bundle.path} is not a causal language model: it cannot generate")
         if self._generator is None:
             from edgepeft.runtime.generation import Generator
 
             self._generator = Generator(self.bundle, self._task, threads=self._threads)
-        return self._generator.generate(
-            prompt, self.trainable_values(), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, use_cache=use_cache,
-        )  # fmt: skip
+        return self._generator
 
     def predict(self, features: dict[str, np.ndarray] | list[str], batch_size: int = 8) -> Prediction:
         """Run the model on arrays (or texts, for a bundle with a tokenizer)."""
