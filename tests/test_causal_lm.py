@@ -97,7 +97,8 @@ def test_manifest_records_the_lm_task(lm, family):
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
 def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
-    """Every frozen matrix (GPT-2's Conv1D too) is int8; the tied lm_head reads the embedding's one int8 copy."""
+    """Every frozen matrix (GPT-2's Conv1D too) is int8; the tied lm_head reads the embedding's one int8 copy; only
+    the lm_head's gradient dequantizes (its rows, for its fp32 product)."""
     bundle = lm[family][1]
     vocab, hidden = tiny_lm.VOCAB, 32
     for name in (mf.TRAINING_MODEL, mf.GENERATION_MODEL):  # training: the frozen tensors are graph inputs
@@ -118,7 +119,10 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
         assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and "_Grad" in u[0].name for u in users.values())
         int8 = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"  # each token's row its own scale
                 and not n.name.endswith("/recompute")]  # the block's copy for the backward (test_lm_memory.py)
-        assert len(int8) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/u7") for n in int8)  # lm_head: a chunk each
+        forward = [n for n in int8 if "_Grad" not in n.name]
+        assert len(forward) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/u7") for n in forward)  # lm_head: a chunk each
+        # the input gradients (none into layer 0's q, k, v: nothing before them trains) are int8 too
+        assert len(int8) - len(forward) == 2 * 7 - 3
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -137,6 +141,16 @@ def test_generation_graph_is_the_only_inference_graph(lm):
     bundle = lm["llama"][1]
     assert mf.INFERENCE_MODEL not in mf.Manifest.load(bundle).files and not (bundle / mf.INFERENCE_MODEL).exists()
     assert mf.GENERATION_MODEL in mf.Manifest.load(bundle).files
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_attention_softmax_has_no_nan_guard(lm, family):
+    """PyTorch's SDPA export guards each softmax with Where(IsNaN); with finite masks it is gone from training and
+    evaluation (`export/attention_mask.py`); the loss still equals transformers' (the shifted-loss test)."""
+    for graph in (mf.TRAINING_MODEL, mf.EVAL_MODEL):
+        nodes = onnx.load(str(lm[family][1] / graph), load_external_data=False).graph.node
+        assert any(n.op_type == "Softmax" for n in nodes)
+        assert not [n.name for n in nodes if n.op_type == "IsNaN"]
 
 
 def _softmax_gradient_readers(nodes) -> list:

@@ -26,6 +26,7 @@ import edgepeft
 from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export import causal_lm
+from edgepeft.export.attention_mask import finite_attention_masks_
 from edgepeft.export.diagnose import native_stderr_silenced, training_graph_error
 from edgepeft.export.first_token import first_token_last_layer
 from edgepeft.export.gelu_grad import decompose_gelu_grad_
@@ -125,6 +126,7 @@ def export(
 
         # the base alone: a bundle with lora_A frozen has the fingerprint of the same base exported with A trained
         fingerprint = _fingerprint(forward, [i.name for i in forward.graph.initializer if i.name not in adapter_keys])
+        finite_attention_masks_(forward)  # no NaN guard after each attention softmax (after the fingerprint)
         held = {i.name for i in forward.graph.initializer}
         frozen = [n for n, _ in module.named_parameters() if n in held and n not in trainable]
         quantized = [n for n in frozen_weight_names(module) if n in held] if options.quantization == "int8" else []
