@@ -75,6 +75,6 @@ def test_smoke_run_measures_both_systems_on_smollm2(tmp_path):
     assert results["greedy_agreement"]["prompts"] == 2
     # the stated int8 tolerance, teacher-forced on PyTorch's greedy tokens (edgepeft.bench.lm.NEAR_TIE)
     forced = results["teacher_forced"]
-    # (16 positions are too few for its 90% rate: the full run reports that); every miss must be a near tie
-    assert forced["positions"] == 16 and all(m < NEAR_TIE for m in forced["miss_margins"]), forced
+    # (up to 16 positions, fewer if PyTorch stops at eos, are too few for its 90% rate: the full run reports that); every miss must be a near tie
+    assert 0 < forced["positions"] <= 16 and all(m < NEAR_TIE for m in forced["miss_margins"]), forced
     assert "| training tokens/s |" in (out / "results.md").read_text()
