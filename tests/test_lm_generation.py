@@ -14,7 +14,7 @@ import torch
 
 from edgepeft import manifest as mf
 from edgepeft.export import ExportOptions, LoraSpec, export
-from edgepeft.export.quantize import quantize_per_channel
+from edgepeft.export.quantize import BLOCK_SIZE, blockable, dequantized, quantize_blocks
 from edgepeft.runtime.adapter import save_adapter
 from edgepeft.runtime.bundle import open_bundle
 from edgepeft.runtime.dequantized import dequantized_graph
@@ -50,20 +50,63 @@ def _generator(path: Path, dequantize_once: bool = True) -> tuple[Generator, obj
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
 def test_weights_dequantized_once_are_dequantize_linear_exactly(bundles, family):
-    """The graph handed to ORT has no DequantizeLinear of a weight left, and each fp32 weight is q * scale."""
+    """The graph handed to ORT has no DequantizeLinear of a weight left (nor the Reshape of a blocked one), and
+    each fp32 weight is q * scale, per block where its rows divide into blocks."""
     path = bundles[family][1] / mf.GENERATION_MODEL
     original = onnx.load(str(path))
     dequantizers = [n for n in original.graph.node if n.op_type == "DequantizeLinear"]
+    dequantized_names = {n.output[0] for n in dequantizers}
+    reshapes = {n.input[0]: n.output[0] for n in original.graph.node
+                if n.op_type == "Reshape" and n.input[0] in dequantized_names}  # fmt: skip
     data, weights = dequantized_graph(path)
     left = onnx.load_from_string(data)
     assert dequantizers and not [n for n in left.graph.node if n.op_type == "DequantizeLinear"]
-    assert set(weights) == {n.output[0] for n in dequantizers}
+    assert set(weights) == {reshapes.get(n.output[0], n.output[0]) for n in dequantizers}
+    assert not set(reshapes.values()) & {o for n in left.graph.node for o in n.output}
     held = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
-    node = dequantizers[0]
-    expected = held[node.input[0]].astype(np.float32) * held[node.input[1]][:, None]
-    np.testing.assert_array_equal(weights[node.output[0]], expected)
+    blocked = [n for n in dequantizers if n.output[0] in reshapes]
+    assert blocked and len(blocked) < len(dequantizers)  # tiny rows of 32 stay per channel, of 64+ get blocks
+    for node in (blocked[0], next(n for n in dequantizers if n not in blocked)):
+        expected = held[node.input[0]].astype(np.float32) * held[node.input[1]][:, None]
+        weight = reshapes.get(node.output[0], node.output[0])
+        np.testing.assert_array_equal(weights[weight], expected.reshape(weights[weight].shape))
     placeholders = [i for i in left.graph.initializer if i.name in weights]  # handed over in memory, not serialized
     assert len(placeholders) == len(weights) and not any(i.raw_data or i.float_data for i in placeholders)
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_generation_weights_have_a_scale_per_block(bundles, family):
+    """Every frozen weight whose rows divide into blocks of BLOCK_SIZE is stored with a scale per block: its
+    dequantized value is the source's blockwise rounding, closer to the source than per-channel rounding."""
+    from transformers import AutoModelForCausalLM
+
+    source, path = bundles[family]
+    _, held = dequantized_graph(path / mf.GENERATION_MODEL)
+    weights = {name.replace(".base_layer.", "."): value for name, value in held.items()}  # LoRA's wrapped layers
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    checked = 0
+    for name, param in model.named_parameters():
+        w = param.detach().numpy()
+        if name not in weights or not blockable(w, BLOCK_SIZE):
+            continue
+        np.testing.assert_array_equal(weights[name], dequantized(w, BLOCK_SIZE))
+        per_channel = dequantized(w)
+        assert np.abs(weights[name] - w).mean() < np.abs(per_channel - w).mean()
+        checked += 1
+    assert checked >= 1
+
+
+def test_blocks_keep_block_scaled_int8_exact():
+    """GGUF's Q8_0 (int8 blocks of 32, a scale each, the largest at +-127) survives block quantization exactly;
+    per-channel quantization of the same weight does not."""
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (8, 4, BLOCK_SIZE)).astype(np.float32)
+    q[..., 0] = 127
+    weight = (q * rng.uniform(1e-3, 1e-1, (8, 4, 1)).astype(np.float32)).reshape(8, 4 * BLOCK_SIZE)
+    blocks, scale = quantize_blocks(weight, BLOCK_SIZE)
+    assert blocks.shape == (32, BLOCK_SIZE) and scale.shape == (32,)
+    np.testing.assert_allclose(dequantized(weight, BLOCK_SIZE), weight, rtol=1e-6, atol=0)
+    assert np.abs(dequantized(weight) - weight).max() > 1e-3
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -129,7 +172,8 @@ def test_generation_follows_the_adapter_it_is_given(bundles):
 
 
 def _int8_host(source: Path, adapter: Path):
-    """transformers + PEFT with each frozen weight replaced by its int8-dequantized value (the bundle's)."""
+    """transformers + PEFT with each frozen weight replaced by its int8-dequantized value (the generation graph's:
+    a scale per block where the rows divide into blocks)."""
     import peft
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -138,8 +182,7 @@ def _int8_host(source: Path, adapter: Path):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D)):
-                q, scale = quantize_per_channel(module.weight.numpy())
-                module.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
+                module.weight.copy_(torch.from_numpy(dequantized(module.weight.numpy(), BLOCK_SIZE)))
     return peft.PeftModel.from_pretrained(model, adapter).eval()
 
 

@@ -33,6 +33,24 @@ PROMPTS = (
     "It was a fine day, and Emma",
     "Mr. Knightley had always",
     "The party at Randalls was",
+    "Harriet had never been so",
+    "Mrs. Elton began to talk of",
+    "\"I do not know,\" replied Emma,",
+    "Frank Churchill came back with",
+    "Miss Bates was delighted to hear",
+    "The weather was not favourable, and",
+    "Mr. Woodhouse was afraid that",
+    "It was a very pleasant walk to",
+    "After dinner the gentlemen",
+    "Jane Fairfax looked",
+    "\"You are very kind,\" said she, \"but",
+    "There was no denying that",
+    "The letter was from",
+    "Mr. Elton's manners were",
+    "Emma could not forgive",
+    "In the evening they",
+    "Nothing could be more",
+    "Her father was",
 )
 
 
@@ -188,9 +206,10 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int])
 
 # The int8 tolerance of greedy decoding. Free-running greedy paths part at the first position where int8 rounding
 # flips the top token, and differ from then on (SmolLM2's fp32 top-2 logit margin is below 0.4 at a quarter of
-# its greedy positions). So agreement is scored teacher-forced: the fp32 model's greedy tokens are forced into the
-# device, and the device must pick the fp32 token at MIN_AGREEMENT of the positions, and may pick another only
-# where fp32's own top two logits were within NEAR_TIE of each other (a near tie int8 rounding may flip).
+# its greedy positions). So agreement is scored teacher-forced, over every prompt's tokens: the fp32 model's greedy
+# tokens are forced into the device, and the device must pick the fp32 token at MIN_AGREEMENT of the positions,
+# and may pick another only where fp32's own top two logits were within NEAR_TIE of each other (a near tie int8
+# rounding may flip).
 NEAR_TIE = 0.5
 MIN_AGREEMENT = 0.9
 

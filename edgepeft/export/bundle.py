@@ -142,7 +142,7 @@ def export(
             chunk_vocabulary_loss_(full, LOSS_OUTPUT)
         _generate_artifacts(full, trainable, frozen, options.optimizer, out, module)
         _bake_learning_rate(out / mf.OPTIMIZER_MODEL)  # runtimes without a learning-rate setter (web)
-        if traced.task is not None:  # the KV-cache graph generation runs, the same int8 weights
+        if traced.task is not None:  # the KV-cache graph generation runs: the frozen weights, int8 per block
             generation = causal_lm.export_generation_graph(module, trainable, quantized, options.opset, Path(tmp))
             # exact products of the dequantized weights, as evaluation: int8 matmuls (a scale per token) made
             # SmolLM2 generate 3.3x faster but its greedy tokens left the exact ones' on 2 of 3 prompts by token 4
