@@ -63,6 +63,8 @@ def test_weights_dequantized_once_are_dequantize_linear_exactly(bundles, family)
     assert dequantizers and not [n for n in left.graph.node if n.op_type == "DequantizeLinear"]
     assert set(weights) == {reshapes.get(n.output[0], n.output[0]) for n in dequantizers}
     assert not set(reshapes.values()) & {o for n in left.graph.node for o in n.output}
+    # no Transpose of a blocked weight (ORT would keep a transposed fp32 copy): matmuls read it with transB
+    assert not [n for n in original.graph.node if n.op_type == "Transpose" and n.input[0] in reshapes.values()]
     held = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
     blocked = [n for n in dequantizers if n.output[0] in reshapes]
     assert blocked and len(blocked) < len(dequantizers)  # tiny rows of 32 stay per channel, of 64+ get blocks

@@ -67,22 +67,17 @@ def use_int8_compute_(
             continue
         weight, (quantized, scale) = dq.output[0], dq.input[:2]
         users = consumers[weight]
-        if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == weight:
-            # a scale per block (`quantize.py`'s block_size): DequantizeLinear + Reshape, an inference graph's
-            # fp32 weight; only the Transpose before its matmuls goes (int8 matmuls need a scale per channel)
-            if not matmuls:
-                blocked = users[0].output[0]
-                for user in consumers[blocked]:
-                    if user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
-                        transposed = user.output[0]
-                        swaps = {id(use): _transposed_matmul(use, transposed, blocked) for use in consumers[transposed]}
-                        replaced.update((key, nodes) for key, nodes in swaps.items() if nodes)
-                        if all(swaps.values()):
-                            removed.add(id(user))
+        # A scale per block (`quantize.py`'s block_size) is DequantizeLinear + Reshape, an inference graph's fp32
+        # weight: int8 matmuls and gathers need a scale per row, so only the Transpose before its matmuls goes.
+        blocked = len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == weight
+        if blocked and matmuls:
             continue
+        if blocked:
+            weight = users[0].output[0]
+            users = consumers[weight]
         done = 0
         for user in users:
-            if user.op_type == "Gather" and user.input[0] == weight and _attr(user, "axis", 0) == 0:
+            if not blocked and user.op_type == "Gather" and user.input[0] == weight and _attr(user, "axis", 0) == 0:
                 replaced[id(user)] = _gather(user, quantized, scale)
                 done += 1
             elif user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
