@@ -102,7 +102,7 @@ def accuracy(args) -> None:
     ffa = _export(bundles / f"minilm-ffa{tag}", True, args.max_length, args.client_optimizer)
     plain = _export(bundles / f"minilm-lora{tag}", False, args.max_length, args.client_optimizer)
     common = dict(train_data=str(train), test_data=str(test), num_partitions=args.clients, rounds=args.rounds,
-                  fraction_train=args.fraction, alpha=args.alpha, learning_rate=args.lr, batch_size=8,
+                  fraction_train=args.fraction, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
                   local_epochs=args.local_epochs)  # fmt: skip
     server = dict(server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                   server_momentum=args.server_momentum, server_tau=args.server_tau)  # fmt: skip
@@ -112,7 +112,10 @@ def accuracy(args) -> None:
         "federated_ffa_dp": FedSettings(bundle=str(ffa), out_dir=str(out / "run-dp"), privacy="central",
                                         noise_multiplier=args.noise, clip=args.clip, **common),  # DP: FedAvg only
     }
-    for label in args.only or list(runs) + ["centralized", "alone"]:
+    labels = args.only or list(runs) + ["centralized", "alone"]
+    if args.central_steps:  # probes: centralized runs of a given length (e.g. the federation's sequential steps)
+        labels = [f"centralized_{n}" for n in args.central_steps] + [x for x in labels if x != "centralized"]
+    for label in labels:
         if label in results:
             continue
         if label in runs:
@@ -122,13 +125,15 @@ def accuracy(args) -> None:
         data, test_data = session.load_data(train), session.load_data(test)
         start = session.trainable_values()
         passes = args.rounds * args.fraction * args.local_epochs  # passes over the data the federation makes
-        if label == "centralized":  # pooled data, the same number of examples seen
-            steps = int(round(passes * len(data) / 8))
+        if label.startswith("centralized"):  # pooled data, the same number of examples seen (or a probe's steps)
+            bs = args.batch_size
+            steps = int(label.split("_")[1]) if "_" in label else int(round(passes * len(data) / bs))
             started = time.perf_counter()
-            session.train(data, TrainConfig(epochs=max(1, int(np.ceil(passes))), batch_size=8,
+            session.train(data, TrainConfig(epochs=int(np.ceil(steps * bs / len(data))), batch_size=bs,
                                             learning_rate=args.lr, max_steps=steps))  # fmt: skip
             acc = session.evaluate(test_data, batch_size=64).accuracy
-            results[label] = {"accuracy": acc, "steps": steps, "seconds": round(time.perf_counter() - started, 1)}
+            results[label] = {"accuracy": acc, "steps": steps, "batch_size": bs,
+                              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         else:  # clients alone: a sample of clients, each training on its own data only
             parts = dirichlet_partition(data.labels, args.clients, args.alpha, 0)
             chosen = np.random.default_rng(1).choice(args.clients, size=min(args.alone_sample, args.clients),
@@ -137,7 +142,7 @@ def accuracy(args) -> None:
             for c in chosen:
                 session.set_trainable(start)
                 local = data.take(parts[c])
-                session.train(local, TrainConfig(epochs=max(1, int(np.ceil(passes))), batch_size=8,
+                session.train(local, TrainConfig(epochs=max(1, int(np.ceil(passes))), batch_size=args.batch_size,
                                                  learning_rate=args.lr))  # fmt: skip
                 accs.append(session.evaluate(test_data, batch_size=64).accuracy)
             results[label] = {"accuracy_mean": float(np.mean(accs)), "accuracy_min": float(np.min(accs)),
@@ -202,6 +207,9 @@ def main() -> None:
     a.add_argument("--lr", type=float, default=2e-3)
     a.add_argument("--local-epochs", type=int, default=1)
     a.add_argument("--max-length", type=int, default=64)
+    a.add_argument("--batch-size", type=int, default=8, help="clients' batch (and the centralized and alone runs')")
+    a.add_argument("--central-steps", type=int, nargs="*", default=[],
+                   help="instead of `centralized`: centralized runs of these many steps (labels centralized_N)")
     a.add_argument("--noise", type=float, default=1.0)
     a.add_argument("--clip", type=float, default=0.5)
     a.add_argument("--alone-sample", type=int, default=10)
