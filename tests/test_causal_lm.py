@@ -15,7 +15,6 @@ import torch
 
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, DataError, InputError
-from edgepeft.export.chunked_loss import CHUNKS
 from edgepeft.export import ExportOptions, LoraSpec, export
 from edgepeft.runtime import TrainConfig, TrainingSession
 from edgepeft.runtime.tasks.causal_lm import IGNORE
@@ -116,13 +115,17 @@ def test_backbone_is_int8_with_one_copy_of_the_tied_embedding(lm, family):
         graph = onnx.load(str(bundle / mf.TRAINING_MODEL)).graph
         users = {o: [n for n in graph.node if o in n.input] for d in graph.node if d.op_type == "DequantizeLinear"
                  for o in d.output}  # fmt: skip
-        assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and "_Grad" in u[0].name for u in users.values())
+        backward = ("_Grad", "vocabulary_loss/pass2/")  # ORT's gradient, and the loss's own (test_vocabulary_loss.py)
+        assert users and all(len(u) == 1 and u[0].op_type == "MatMul" and any(b in u[0].name for b in backward)
+                             for u in users.values())  # fmt: skip
         int8 = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"  # each token's row its own scale
                 and not n.name.endswith("/recompute")]  # the block's copy for the backward (test_lm_memory.py)
-        forward = [n for n in int8 if "_Grad" not in n.name]
-        assert len(forward) == 2 * 7 + CHUNKS and all(n.input[0].endswith("/row_int8/u7") for n in forward)  # lm_head: a chunk each
+        head = [n for n in int8 if n.name.startswith("vocabulary_loss/")]  # two passes over 2 vocabulary blocks
+        assert len(head) == 2 * 2 and all(n.input[0] == "vocabulary_loss/u7" for n in head)
+        forward = [n for n in int8 if "_Grad" not in n.name and n not in head]
+        assert len(forward) == 2 * 7 and all(n.input[0].endswith("/row_int8/u7") for n in forward)
         # the input gradients (none into layer 0's q, k, v: nothing before them trains) are int8 too
-        assert len(int8) - len(forward) == 2 * 7 - 3
+        assert len(int8) - len(forward) - len(head) == 2 * 7 - 3
 
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
@@ -154,10 +157,12 @@ def test_attention_softmax_has_no_nan_guard(lm, family):
 
 
 def _softmax_gradient_readers(nodes) -> list:
-    """The nodes reading a softmax cross-entropy's gradient (or a reshape of it)."""
+    """The nodes reading a softmax cross-entropy's gradient (or a reshape of it): ORT's, or a vocabulary block's
+    probabilities times the loss gradient (export/vocabulary_loss.py)."""
     found: set[str] = set()
     for n in nodes:
-        if n.op_type == "SoftmaxCrossEntropyLossGrad" or (n.op_type == "Reshape" and n.input[0] in found):
+        blockwise = n.name.startswith("vocabulary_loss/pass2/") and n.name.endswith("/weighted")
+        if blockwise or n.op_type == "SoftmaxCrossEntropyLossGrad" or (n.op_type == "Reshape" and n.input[0] in found):
             found.update(n.output[:1])
     return [n for n in nodes if any(i in found for i in n.input) and n.op_type != "Reshape"]
 
@@ -172,6 +177,8 @@ def test_lm_layer_gradients_are_int8_and_the_softmax_gradient_fp32(lm, tmp_path)
     assert [n.name for n in nodes if n.op_type == "MatMulIntegerToFloat" and "_Grad" in n.name]
     readers = _softmax_gradient_readers(nodes)
     assert readers and not [n.name for n in readers if "row_int8" in n.name or n.op_type == "QuantizeLinear"]
+    dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    assert all(n.op_type == "MatMul" and n.input[1] in dequantized for n in readers)
     assert any(n.op_type == "DequantizeLinear" for n in nodes)  # the lm_head's rows, for its fp32 gradient
     out = tmp_path / "fp32"
     options = ExportOptions(max_length=16, int8_gradients=False)

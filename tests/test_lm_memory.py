@@ -14,7 +14,6 @@ from onnx import helper, numpy_helper
 from edgepeft import manifest as mf
 from edgepeft.errors import InputError
 from edgepeft.export import ExportOptions, LoraSpec, export
-from edgepeft.export.chunked_loss import CHUNKS
 from edgepeft.export.int8_compute import chunked_dequantized_matmul
 from edgepeft.export.quantize import quantize_per_channel
 from edgepeft.export.recompute import BLOCK, SUFFIX, _static_tensors
@@ -144,8 +143,9 @@ def _step_tensor_shapes(bundle, feeds: dict[str, np.ndarray]) -> dict[str, tuple
 
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
 def test_no_tensor_of_a_step_holds_the_whole_blocks_logits(bundles, family):
-    """The next-token loss runs over the vocabulary in CHUNKS row chunks: at 4 x 32 tokens no tensor of the step
-    has the (tokens, vocabulary) logits' shape or their gradient's, and each chunk's logits are 1/CHUNKS of them."""
+    """The next-token loss runs over blocks of the vocabulary (export/vocabulary_loss.py): at 4 x 32 tokens no
+    tensor of the step has the (tokens, vocabulary) logits' shape or their gradient's; each block's logits are
+    every token's over part of the vocabulary, computed once in each pass."""
     batch, length = 4, 32
     ids = np.random.default_rng(0).integers(0, tiny_lm.VOCAB, (batch, length)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
@@ -154,9 +154,9 @@ def test_no_tensor_of_a_step_holds_the_whole_blocks_logits(bundles, family):
               if not BLOCK.search(n)}  # the tiny configs' MLPs are as wide as the vocabulary  # fmt: skip
     whole = {(batch * length, tiny_lm.VOCAB), (batch, length, tiny_lm.VOCAB)}
     assert not [n for n, shape in shapes.items() if tuple(shape) in whole]
-    rows = -(-batch * length // CHUNKS)
-    chunk_logits = [n for n, shape in shapes.items() if tuple(shape) == (rows, tiny_lm.VOCAB)]
-    assert len(chunk_logits) >= CHUNKS, chunk_logits
+    block_logits = [n for n, shape in shapes.items() if n.endswith("/logits")]
+    assert len(block_logits) == 2 * 2, block_logits  # 2 blocks, 2 passes
+    assert all(shapes[n][0] == batch * length and shapes[n][1] <= tiny_lm.VOCAB // 2 for n in block_logits)
 
 
 def test_recompute_can_be_turned_off_and_is_checked():
@@ -227,7 +227,7 @@ def test_memory_budget_works_for_a_causal_lm(tmp_path, text_file):
 
 def test_lm_head_gradient_of_a_large_vocabulary_is_chunked(tmp_path):
     """A vocabulary over the chunk size (a GPT-2 config with 9,000 tokens) gets its lm_head input gradient in
-    row blocks: no DequantizeLinear in the training graph reads the whole tied embedding."""
+    row blocks: no DequantizeLinear in the training graph reads the whole tied embedding, each reads a block."""
     import transformers as t
     from transformers import AutoModelForCausalLM
 
@@ -244,4 +244,5 @@ def test_lm_head_gradient_of_a_large_vocabulary_is_chunked(tmp_path):
         if n.op_type == "DequantizeLinear":
             dq_reads[n.input[0]].append(n.name)
     assert not [r for r in dq_reads if r.startswith("transformer.wte.weight")], dq_reads.keys()
-    assert any("chunk" in r for r in dq_reads)
+    blocks = [r for r in dq_reads if r.startswith("vocabulary_loss/pass2/block")]
+    assert len(blocks) >= 2, dq_reads.keys()

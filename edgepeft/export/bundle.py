@@ -36,6 +36,7 @@ from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names, is_lora_a
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.recompute import recompute_blocks_
+from edgepeft.export.vocabulary_loss import fuse_vocabulary_loss_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.export.transformers_models import (
     BERT_LIKE_TARGETS,
@@ -153,6 +154,8 @@ def export(
         decompose_gelu_grad_(training)
         if traced.task is not None:
             causal_lm.drop_training_outputs_(training, {o.name for o in forward.graph.output})
+            if int8_compute:  # the loss and its gradient over vocabulary blocks, by hand
+                fuse_vocabulary_loss_(training, LOSS_OUTPUT, options.max_length)
         int8_gradients = options.int8_gradients
         data_inputs = [v.name for v in forward.graph.input if v.name not in held] + [LABELS_INPUT]
         recompute = options.recompute_blocks(causal_lm=traced.task is not None)
