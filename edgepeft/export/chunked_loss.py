@@ -13,7 +13,8 @@ only while its loss is computed; the log-probabilities the backward reads are th
 vocabulary-wide tensor each, and the gradient is computed chunk by chunk. The rows are cut into `CHUNKS` equal
 parts of whatever the batch holds (padded with ignored rows to a multiple of `CHUNKS`), so the saving scales
 with the batch. The model's logits output goes: a causal LM bundle's training and evaluation read the loss alone
-(generation has its own graph).
+(generation has its own graph). With an int8 lm_head, `vocabulary_loss.py` then replaces this loss and the
+gradient ORT builds for it in the training graph; the evaluation graph and fp32 bundles keep it.
 """
 
 from __future__ import annotations
