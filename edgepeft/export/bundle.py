@@ -36,7 +36,6 @@ from edgepeft.export.int8_compute import use_int8_compute_
 from edgepeft.export.lora import Adapted, add_lora, frozen_weight_names, is_lora_a
 from edgepeft.export.quantize import quantize_initializers_
 from edgepeft.export.recompute import recompute_blocks_
-from edgepeft.export.vocabulary_loss import fuse_vocabulary_loss_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 from edgepeft.export.transformers_models import (
     BERT_LIKE_TARGETS,
@@ -50,6 +49,7 @@ from edgepeft.export.transformers_models import (
     onnx_input_names,
     text_positions,
 )
+from edgepeft.export.vocabulary_loss import fuse_vocabulary_loss_
 from edgepeft.fileio import DirKind, atomic_directory, sha256_file
 from edgepeft.runtime.adapter import portable_base_name
 from edgepeft.runtime.memory import PROFILE_KEY, fit_profile

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from edgepeft.export.chunked_loss import _PREFIX as CHUNKED
 from edgepeft.export.chunked_loss import _live
-from edgepeft.export.int8_compute import MS_DOMAIN
+from edgepeft.export.int8_compute import MS_DOMAIN, _attr
 from edgepeft.export.recompute import _topological
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,10 @@ def fuse_vocabulary_loss_(
     del graph.node[:]
     graph.node.extend(_live(_topological(kept), {o.name for o in graph.output}))
     read = {name for n in graph.node for name in n.input}
-    graph.initializer.extend(c for c in constants if c.name in read)
-    dead = {i.name for i in graph.initializer} - read - {o.name for o in graph.output}
-    kept_inits = [i for i in graph.initializer if i.name not in dead or not i.name.startswith(f"{CHUNKED}/")]
+    # the chunked loss's constants go with its nodes
+    kept_inits = [i for i in graph.initializer if i.name in read or not i.name.startswith(f"{CHUNKED}/")]
     del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
+    graph.initializer.extend(kept_inits + [c for c in constants if c.name in read])
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     logger.info("the next-token loss and its gradient run over %d vocabulary blocks", blocks)
@@ -226,7 +225,3 @@ def _shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
     return shapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
