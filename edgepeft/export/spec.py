@@ -80,8 +80,8 @@ class ExportOptions:
     # 46.9 -> 39.6 (fp32 gradients: 39.4), steps 7-14% shorter on an AVX-512 VNNI machine.
     int8_gradients: bool = True
     # recompute each transformer block's activations in the backward pass instead of keeping them from the
-    # forward (`export/recompute.py`). None: on for a causal LM (SmolLM2 at 1 x 256: peak VmHWM 1236 -> 858 MB, a step
-    # ~20% longer), off otherwise (a classifier's few short layers keep little).
+    # forward (`export/recompute.py`). None: on for a causal LM (SmolLM2 at 1 x 256: peak RSS ~910 -> ~490 MB, a step
+    # 1,307 -> 1,661 ms side by side), off otherwise (a classifier's few short layers keep little).
     recompute: bool | None = None
     profile_memory: bool = False  # measure peak memory at a few sizes so the device can budget (~5 s)
     # the base model's hub name, written as adapters' base_model_name_or_path (default: config.json's
