@@ -170,7 +170,10 @@ def test_ctrl_c_says_where_the_progress_is(minilm_int8, austen_split, tmp_path, 
             "--epochs", "5"]  # fmt: skip
     if with_checkpoint:
         args += ["--checkpoint-dir", str(checkpoint), "--checkpoint-every", "1"]
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default action in the child: a shell starting this suite in the background without job control
+    # (`cmd &`) leaves SIGINT ignored, and an ignored SIGINT stays ignored in every process started under it
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         assert child.stderr is not None
         line = child.stderr.readline()
