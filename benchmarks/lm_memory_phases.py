@@ -4,8 +4,8 @@ optimizer, training steps. Torch blocked, as on a device.
     python benchmarks/lm_memory_phases.py BUNDLE [--steps 2]
 
 Prints one JSON object: VmRSS (MB) after each phase and VmHWM (the peak) at the end. The phases are ORT's
-training API calls the runtime makes (`runtime/session.py`, same session options); the data is one random block of
-the bundle's max_length (a causal LM bundle: the figures do not depend on the text).
+training API calls the runtime makes (`runtime/session.py`, with its `training_session_options`); the data is one
+random block of the bundle's max_length (a causal LM bundle: the figures do not depend on the text).
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ sys.modules["torch"] = None  # a device has no torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _status(key: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return round(next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":")), 1)
+from lm_train_memory import _status  # noqa: E402  (this directory: the same /proc/self/status reader)
 
 
 def main() -> None:
@@ -35,16 +32,14 @@ def main() -> None:
 
     from edgepeft import manifest as mf
     from edgepeft.runtime.bundle import open_bundle
-    from edgepeft.runtime.ort import onnxruntime_module, training_api
+    from edgepeft.runtime.ort import training_api, training_session_options
 
     bundle = Path(args.bundle)
-    api, ort = training_api(), onnxruntime_module()
-    phases = {"ort_loaded": _status("VmRSS")}
+    api = training_api()
+    phases: dict[str, float] = {"ort_loaded": _status("VmRSS")}
     state = api.CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     phases["checkpoint"] = _status("VmRSS")
-    options = ort.SessionOptions()
-    options.enable_mem_pattern = options.enable_mem_reuse = False  # as the runtime sets them
-    options.log_severity_level = 3
+    options = training_session_options(threads=2)
     module = api.Module(str(bundle / mf.TRAINING_MODEL), state, None, session_options=options)
     phases["training_module"] = _status("VmRSS")
     optimizer = api.Optimizer(str(bundle / mf.OPTIMIZER_MODEL), module)
@@ -60,7 +55,8 @@ def main() -> None:
         optimizer.step()
         module.lazy_reset_grad()
     phases["after_steps"] = _status("VmRSS")
-    print(json.dumps({"bundle": str(bundle), "rss_mb": phases, "peak_mb": _status("VmHWM")}))
+    rss = {phase: round(mb, 1) for phase, mb in phases.items()}
+    print(json.dumps({"bundle": str(bundle), "rss_mb": rss, "peak_mb": round(_status("VmHWM"), 1)}))
 
 
 if __name__ == "__main__":

@@ -193,18 +193,18 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int],
     the bundle exported with recompute=False), its training figures and ratios too."""
     figures: dict[str, Any] = {}
     for system, runs in raw.items():
-        train_ms = _best(runs["train"], "median_ms")
         figures[system] = {
-            "train_ms_per_step": round(train_ms, 1),
-            "train_tokens_per_s": round(runs["train"][0]["tokens_per_step"] / train_ms * 1e3, 1),
-            "train_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["train"]), 1),
+            **_training_figures(runs["train"]),
             "generate_tokens_per_s": round(_best(runs["generate"], "tokens_per_s"), 1),
             "generate_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["generate"]), 1),
             "heldout_perplexity": round(runs["perplexity"]["perplexity"], 3),
             "torch_loaded": any(r["torch_loaded"] for r in runs["train"] + runs["generate"]),
         }
     ours, theirs = figures[EDGEPEFT], figures[PYTORCH]
-    extra = {NO_RECOMPUTE: _training_figures(no_recompute, theirs)} if no_recompute else {}
+    extra = {}
+    if no_recompute:
+        fast = {**_training_figures(no_recompute), "torch_loaded": any(r["torch_loaded"] for r in no_recompute)}
+        extra[NO_RECOMPUTE] = {**fast, "ratios": _training_ratios(fast, theirs)}
     n = config.agree_tokens
     pairs = list(zip(raw[EDGEPEFT]["generate"][0]["token_ids"], raw[PYTORCH]["generate"][0]["token_ids"]))
     agreed = [_common_prefix(a, b) for a, b in pairs]
@@ -212,8 +212,7 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int],
     return {
         "systems": figures,
         "ratios": {
-            "train_tokens_per_s": round(ours["train_tokens_per_s"] / theirs["train_tokens_per_s"], 3),
-            "train_peak_rss": round(ours["train_peak_rss_mb"] / theirs["train_peak_rss_mb"], 3),
+            **_training_ratios(ours, theirs),
             "generate_tokens_per_s": round(ours["generate_tokens_per_s"] / theirs["generate_tokens_per_s"], 3),
             "perplexity_device_over_host": round(ours["heldout_perplexity"] / theirs["heldout_perplexity"], 4),
             "bundle_int8_over_fp32": round(sizes["int8"] / sizes["fp32"], 3),
@@ -226,15 +225,18 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int],
     }
 
 
-def _training_figures(runs: list[dict[str, Any]], theirs: dict[str, Any]) -> dict[str, Any]:
-    """One more device bundle's training figures, and its ratios to PyTorch's (`theirs`)."""
+def _training_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A bundle's training figures over its rounds: the median ms a step, tokens/s at it, the largest peak."""
     train_ms = _best(runs, "median_ms")
-    tokens_per_s = round(runs[0]["tokens_per_step"] / train_ms * 1e3, 1)
-    peak = round(max(r["peak_rss_mb"] for r in runs), 1)
-    return {"train_ms_per_step": round(train_ms, 1), "train_tokens_per_s": tokens_per_s, "train_peak_rss_mb": peak,
-            "torch_loaded": any(r["torch_loaded"] for r in runs),
-            "ratios": {"train_tokens_per_s": round(tokens_per_s / theirs["train_tokens_per_s"], 3),
-                       "train_peak_rss": round(peak / theirs["train_peak_rss_mb"], 3)}}  # fmt: skip
+    return {"train_ms_per_step": round(train_ms, 1),
+            "train_tokens_per_s": round(runs[0]["tokens_per_step"] / train_ms * 1e3, 1),
+            "train_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1)}  # fmt: skip
+
+
+def _training_ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
+    """A device bundle's training tokens/s and peak RSS over the other system's."""
+    return {"train_tokens_per_s": round(ours["train_tokens_per_s"] / theirs["train_tokens_per_s"], 3),
+            "train_peak_rss": round(ours["train_peak_rss_mb"] / theirs["train_peak_rss_mb"], 3)}  # fmt: skip
 
 
 # The int8 tolerance of greedy decoding. Free-running greedy paths part at the first position where int8 rounding

@@ -44,3 +44,20 @@ def training_api() -> types.ModuleType:
         if hide_ortmodule and sys.modules.get(_ORTMODULE, 0) is None:
             del sys.modules[_ORTMODULE]
     return api
+
+
+def training_session_options(threads: int = 0):
+    """The `SessionOptions` of every training module the runtime builds: `threads` intra-op threads (0: ORT's
+    choice), errors-only logging, and ORT's memory pattern and buffer reuse off.
+
+    ORT's memory pattern keeps a second planned block next to the first step's allocations, and with its planner's
+    buffer reuse on, ~14 MB a layer stays held through the forward pass beyond what the backward reads (measured,
+    the exact chain not traced). With both off, the peak of a MiniLM int8 step at 8 x 128 drops from ~500 MB to
+    ~410 MB (pattern) and on to ~250 MB (reuse), same speed.
+    """
+    options = onnxruntime_module().SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
+    options.intra_op_num_threads = threads
+    options.enable_mem_pattern = False
+    options.enable_mem_reuse = False
+    return options

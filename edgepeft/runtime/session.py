@@ -28,7 +28,7 @@ from edgepeft.runtime.data import (
     trim_padding,
 )
 from edgepeft.runtime.memory import estimate_peak_mb, largest_batch_within, sequence_axis
-from edgepeft.runtime.ort import onnxruntime_module, training_api
+from edgepeft.runtime.ort import training_api, training_session_options
 from edgepeft.runtime.tasks import task_data
 from edgepeft.runtime.train_config import TrainConfig, fingerprint
 
@@ -121,16 +121,7 @@ class TrainingSession:
     def _open(self, checkpoint: Path) -> None:
         """Build the ORT state, training module and optimizer on a checkpoint file."""
         api = training_api()  # first: a plain `import onnxruntime` before it would load torch
-        options = onnxruntime_module().SessionOptions()
-        options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
-        options.intra_op_num_threads = self._threads
-        # ORT's memory pattern keeps a second planned block next to the first step's allocations, and with
-        # its planner's buffer reuse on, ~14 MB a layer stays held through the forward pass beyond what the
-        # backward reads (measured, the exact chain not traced). With both off, the peak of a MiniLM int8
-        # step at 8 x 128 drops from ~500 MB to ~410 MB (pattern) and on to ~250 MB (reuse), same speed.
-        options.enable_mem_pattern = False
-        options.enable_mem_reuse = False
-        self._session_options = options
+        self._session_options = training_session_options(self._threads)
         try:
             self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
             self._build_module(evaluation=False)
