@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 import shutil
 
 import numpy as np
@@ -244,3 +247,28 @@ def test_state_from_another_bundle_is_refused(mlp_bundle, text_bundle, tmp_path)
         TrainingSession(mlp_bundle, state=tmp_path / "state")
     with pytest.raises(BundleError, match="is not a saved training state"):
         TrainingSession(mlp_bundle, state=tmp_path / "nowhere")
+
+
+_DENORMAL_PROBE = """
+import sys
+import numpy as np
+from edgepeft.runtime import TrainConfig, TrainingSession
+tiny = np.float32(1e-39)  # a denormal float32
+assert tiny * np.float32(1.0) != 0  # kept before any session
+session = TrainingSession(sys.argv[1], threads=1)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 16)).astype(np.float32)
+session.train(session.dataset({"x": x}, x[:, :4].argmax(axis=1)), TrainConfig(batch_size=4, max_steps=1))
+print(float(tiny * np.float32(1.0)))
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ORT flushes denormals on x86")
+def test_training_flushes_denormal_floats_to_zero(mlp_bundle):
+    """A training session makes ORT treat denormals as 0 (`runtime.ort.flush_denormals_`: a causal mask's softmax
+    produces them, and x86 computes on them at a fraction of its speed). ORT sets the flags on its threads and,
+    for a process's first session, on the calling thread too, which a fresh process shows through numpy."""
+    done = subprocess.run([sys.executable, "-c", _DENORMAL_PROBE, str(mlp_bundle)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) == 0.0

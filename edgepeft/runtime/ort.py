@@ -46,9 +46,21 @@ def training_api() -> types.ModuleType:
     return api
 
 
+def flush_denormals_(options) -> None:
+    """Make ORT's threads treat denormal floats as 0 (`session.set_denormal_as_zero`).
+
+    A causal mask sends a softmax's masked scores to exp(-huge); MLAS's exp returns denormals there, not 0, and
+    x86 computes on denormals at a small fraction of its speed. Measured on SmolLM2-135M's training step at
+    1 x 256 (profiled, 2 threads): the 60 softmaxes a step took 78 ms with denormals kept, 12 ms flushed.
+    A value below 1.2e-38 changes no result here that fp32 rounding would keep.
+    """
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+
+
 def training_session_options(threads: int = 0):
     """The `SessionOptions` of every training module the runtime builds: `threads` intra-op threads (0: ORT's
-    choice), errors-only logging, and ORT's memory pattern and buffer reuse off.
+    choice), errors-only logging, denormals flushed (`flush_denormals_`), and ORT's memory pattern and buffer
+    reuse off.
 
     ORT's memory pattern keeps a second planned block next to the first step's allocations, and with its planner's
     buffer reuse on, ~14 MB a layer stays held through the forward pass beyond what the backward reads (measured,
@@ -60,4 +72,5 @@ def training_session_options(threads: int = 0):
     options.intra_op_num_threads = threads
     options.enable_mem_pattern = False
     options.enable_mem_reuse = False
+    flush_denormals_(options)
     return options
