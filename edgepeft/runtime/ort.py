@@ -52,7 +52,8 @@ def flush_denormals_(options) -> None:
     A causal mask sends a softmax's masked scores to exp(-huge); MLAS's exp returns denormals there, not 0, and
     x86 computes on denormals at a small fraction of its speed. Measured on SmolLM2-135M's training step at
     1 x 256 (profiled, 2 threads): the 60 softmaxes a step took 78 ms with denormals kept, 12 ms flushed.
-    A value below 1.2e-38 changes no result here that fp32 rounding would keep.
+    The results did not move: `edgepeft bench lm`'s held-out perplexity (70.839) and teacher-forced agreement
+    with PyTorch (749 of 768 tokens) are the figures of the run before it.
     """
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
 
