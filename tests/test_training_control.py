@@ -109,6 +109,9 @@ def test_cancel_and_time_budget_stop_cleanly_and_resume(mlp_bundle, tmp_path):
     slow = TrainingSession(mlp_bundle)
     report = slow.train(data, TrainConfig(epochs=4, max_seconds=0.1), lambda *_: time.sleep(0.02))
     assert report.stopped == "max_seconds" and 0 < report.steps < 32
+    # a budget shorter than anything still takes one step, so calls under it move the run on
+    report = slow.train(data, TrainConfig(epochs=4, max_seconds=1e-9))
+    assert report.stopped == "max_seconds" and report.steps == 1 and report.resumed_from == report.run_steps - 1
 
 
 def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:

@@ -295,7 +295,7 @@ class TrainingSession:
                 done = p.step - p.run_start
                 if config.max_steps is not None and done >= config.max_steps:
                     stopped = "max_steps"
-                elif config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
+                elif config.max_seconds is not None and step_ms and time.perf_counter() - started >= config.max_seconds:
                     stopped = "max_seconds"
                 elif cancel is not None and cancel():
                     stopped = "cancelled"

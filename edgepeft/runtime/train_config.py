@@ -22,7 +22,8 @@ class TrainConfig:
     `schedule` decays the learning rate over the run after `warmup_steps` of linear warm-up.
     `grad_accumulation` batches make one optimizer step, with the gradient of their examples' mean loss (the
     same step as one batch of all their examples). `max_steps` caps the run's optimizer steps;
-    `max_seconds` caps one call's wall-clock time. `balanced` draws each epoch's examples with equal weight
+    `max_seconds` caps one call's wall-clock time, checked after each step, so a call takes at least one and a
+    resumed run always moves on. `balanced` draws each epoch's examples with equal weight
     per class (with replacement), for skewed labels. With `memory_budget_mb`, training refuses to start
     when the bundle's memory profile estimates a higher peak, or lowers the batch size to fit if
     `lower_batch_to_fit`. A run stopped by a budget or a cancel request resumes
