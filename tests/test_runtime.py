@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import sys
-import shutil
 
 import numpy as np
 import pytest
@@ -265,7 +265,7 @@ print(float(tiny * np.float32(1.0)))
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ORT flushes denormals on x86")
 def test_training_flushes_denormal_floats_to_zero(mlp_bundle):
-    """A training session makes ORT treat denormals as 0 (`runtime.ort.flush_denormals_`: a causal mask's softmax
+    """A training session makes ORT treat denormals as 0 (`runtime.ort.session_options`: a causal mask's softmax
     produces them, and x86 computes on them at a fraction of its speed). ORT sets the flags on its threads and,
     for a process's first session, on the calling thread too, which a fresh process shows through numpy."""
     done = subprocess.run([sys.executable, "-c", _DENORMAL_PROBE, str(mlp_bundle)], capture_output=True, text=True,

@@ -27,7 +27,7 @@ import numpy as np
 from edgepeft.errors import BundleError, InputError
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.dequantized import dequantized_graph
-from edgepeft.runtime.ort import flush_denormals_, onnxruntime_module
+from edgepeft.runtime.ort import onnxruntime_module, session_options
 from edgepeft.runtime.tasks.causal_lm import CausalLMData
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,7 @@ class Generator:
         if not name:
             raise BundleError(f"bundle {bundle.path} has no generation graph: export it again with this edgepeft")
         ort = onnxruntime_module()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        flush_denormals_(options)
+        options = session_options(threads)
         model: str | bytes = str(bundle.file(name))
         self._weights: list = []  # the dequantized weights and their ORT values, which share their memory
         dequantize_once = dequantize_once and bundle.manifest.quantization == "int8"  # an fp32 bundle has none

@@ -46,32 +46,34 @@ def training_api() -> types.ModuleType:
     return api
 
 
-def flush_denormals_(options) -> None:
-    """Make ORT's threads treat denormal floats as 0 (`session.set_denormal_as_zero`).
+def session_options(threads: int = 0):
+    """The `SessionOptions` every ORT session of the runtime starts from: `threads` intra-op threads (0: ORT's
+    choice), errors-only logging (ORT warns about initializers an eval graph drops), denormal floats taken as 0.
 
-    A causal mask sends a softmax's masked scores to exp(-huge); MLAS's exp returns denormals there, not 0, and
-    x86 computes on denormals at a small fraction of its speed. Measured on SmolLM2-135M's training step at
-    1 x 256 (profiled, 2 threads): the 60 softmaxes a step took 78 ms with denormals kept, 12 ms flushed.
-    The results did not move: `edgepeft bench lm`'s held-out perplexity (70.839) and teacher-forced agreement
-    with PyTorch (749 of 768 tokens) are the figures of the run before it.
+    Denormals (`session.set_denormal_as_zero`): a causal mask sends a softmax's masked scores to exp(-huge); MLAS's
+    exp returns denormals there, not 0, and x86 computes on denormals at a small fraction of its speed. Measured on
+    SmolLM2-135M's training step at 1 x 256 (profiled, 2 threads): the 60 softmaxes a step took 78 ms with
+    denormals kept, 12 ms flushed. The results did not move: `edgepeft bench lm`'s held-out perplexity (70.839)
+    and teacher-forced agreement with PyTorch (749 of 768 tokens) are the figures of the run before it. ORT sets
+    the flags on its own threads and, for a process's first session, on the calling thread.
     """
+    options = onnxruntime_module().SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
 
 
 def training_session_options(threads: int = 0):
-    """The `SessionOptions` of every training module the runtime builds: `threads` intra-op threads (0: ORT's
-    choice), errors-only logging, denormals flushed (`flush_denormals_`), and ORT's memory pattern and buffer
-    reuse off.
+    """The `SessionOptions` of every training module the runtime builds: `session_options(threads)` with ORT's
+    memory pattern and buffer reuse off.
 
     ORT's memory pattern keeps a second planned block next to the first step's allocations, and with its planner's
     buffer reuse on, ~14 MB a layer stays held through the forward pass beyond what the backward reads (measured,
     the exact chain not traced). With both off, the peak of a MiniLM int8 step at 8 x 128 drops from ~500 MB to
     ~410 MB (pattern) and on to ~250 MB (reuse), same speed.
     """
-    options = onnxruntime_module().SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT warns about initializers its eval graph drops
-    options.intra_op_num_threads = threads
+    options = session_options(threads)
     options.enable_mem_pattern = False
     options.enable_mem_reuse = False
-    flush_denormals_(options)
     return options
