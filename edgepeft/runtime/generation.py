@@ -133,7 +133,9 @@ class Generator:
         text = self._data.tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
         return Generation(text, new, len(ids), stopped, prefill, decode)
 
-    def teacher_forced(self, prompt: str | list[dict], continuation: list[int], values: dict[str, np.ndarray]) -> list[int]:
+    def teacher_forced(
+        self, prompt: str | list[dict], continuation: list[int], values: dict[str, np.ndarray]
+    ) -> list[int]:
         """The greedy token the device picks after `prompt` and each prefix of `continuation` (forced in, one
         cached run a token, as `generate` runs them): `[argmax after prompt, after prompt + c[0], ...]`.
 
