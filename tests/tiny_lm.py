@@ -1,4 +1,4 @@
-"""Tiny causal language model directories (Llama and GPT-2 architectures), made offline in a second.
+"""Tiny causal language model directories (Llama and GPT-2; Qwen2 and Gemma too), made offline in a second.
 
 Each is built from its transformers config (hidden 32, 2 layers, vocab 64) with a WordLevel tokenizer that
 knows a few words, bos/eos/pad tokens and a ChatML chat template (SmolLM2's), and its weights perturbed so
@@ -32,6 +32,14 @@ def config(family: str):
         return t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
                              tie_word_embeddings=True, **ids)  # fmt: skip
+    if family == "qwen2":  # Llama's layout with biases on q, k, v
+        return t.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                             tie_word_embeddings=True, **ids)  # fmt: skip
+    if family == "gemma":  # GELU (tanh) MLP, embeddings scaled by sqrt(hidden), one key/value head
+        return t.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
+                             **ids)  # fmt: skip
     if family == "gpt2":
         return t.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, vocab_size=VOCAB, n_positions=128,
                             tie_word_embeddings=True, **ids)  # fmt: skip

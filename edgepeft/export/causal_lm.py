@@ -22,7 +22,7 @@ from edgepeft import manifest as mf
 from edgepeft.errors import ExportError
 from edgepeft.export.generation_graph import last_position_logits_
 from edgepeft.export.graph import export_transformers
-from edgepeft.export.lora import Adapted, add_lora
+from edgepeft.export.lora import Adapted, add_lora, is_hf_conv1d
 from edgepeft.export.quantize import BLOCK_SIZE, quantize_initializers_
 from edgepeft.export.spec import ExportOptions, LoraSpec
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TRAIN_TASK, GENERATION_TASK = "text-generation", "text-generation-with-past"  # optimum's task names
 SEQUENCE_AXES = {0: "batch_size", 1: "sequence_length"}  # optimum's names, as the inputs have them
-# LoRA targets when the caller names none, by model_type
+# LoRA targets when the caller names none, by model_type; any other family: `linear_targets`
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
@@ -85,10 +85,11 @@ def load_causal_lm(source: Path, lora: LoraSpec, options: ExportOptions, out: Pa
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model_type = str(getattr(model.config, "model_type", ""))
     if lora.target_modules is None:
-        if model_type not in DEFAULT_TARGETS:
-            raise ExportError(f"{source}: no default LoRA targets for model_type {model_type!r}: name target_modules")
-        lora = dataclasses.replace(lora, target_modules=DEFAULT_TARGETS[model_type])
-        logger.info("LoRA on %s (the default for %s)", lora.target_modules, model_type)
+        targets = DEFAULT_TARGETS.get(model_type) or linear_targets(model)
+        if not targets:
+            raise ExportError(f"{source}: {type(model).__name__} has no Linear layer for LoRA: name target_modules")
+        lora = dataclasses.replace(lora, target_modules=targets)
+        logger.info("LoRA on %s (the default for %s)", lora.target_modules, model_type or type(model).__name__)
     tokenizer = _save_tokenizer(source, out, model.config)
     task = _task(tokenizer, model, options.max_length)
     adapted = add_lora(model, lora, task_type="CAUSAL_LM")
@@ -96,6 +97,15 @@ def load_causal_lm(source: Path, lora: LoraSpec, options: ExportOptions, out: Pa
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     example = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     return adapted, example, task
+
+
+def linear_targets(model: nn.Module) -> tuple[str, ...]:
+    """The names (last parts, in order) of every Linear layer and transformers `Conv1D` but the output layer: PEFT's
+    "all-linear", the LoRA targets of a family `DEFAULT_TARGETS` does not name."""
+    output = model.get_output_embeddings()
+    names = [name.rsplit(".", 1)[-1] for name, sub in model.named_modules()
+             if sub is not output and (isinstance(sub, nn.Linear) or is_hf_conv1d(sub))]  # fmt: skip
+    return tuple(dict.fromkeys(names))
 
 
 def example_labels(example: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -105,10 +105,10 @@ def _check_attention_targets(model: nn.Module, spec: LoraSpec) -> None:
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) or _is_hf_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) or is_hf_conv1d(module)
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' `Conv1D` (GPT-2's c_attn, c_proj, c_fc): a Linear with its weight stored (in, out)."""
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 

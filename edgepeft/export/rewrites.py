@@ -4,7 +4,8 @@ Each rewrite computes what the layer computes (checked against torch in tests/te
 in a way a rewrite does not cover keeps its own forward (and may then fail with a clear ExportError):
 
 - nn.RMSNorm: `aten::rms_norm` has no opset-17 export.
-- nn.GELU(approximate="tanh"): `0.5 x (1 + tanh z)` breaks ORT's gradient build; `x sigmoid(2z)` is equal.
+- nn.GELU(approximate="tanh"): `0.5 x (1 + tanh z)` breaks ORT's gradient build; `x sigmoid(2z)` is equal. The
+  same for transformers' `GELUTanh` ("gelu_pytorch_tanh": Gemma, GPTBigCode), when transformers is installed.
 - nn.EmbeddingBag (2-D input, no offsets): its Loop export fails the ONNX checker; a lookup and a reduction.
 - nn.GroupNorm: exported as InstanceNormalization, which has no gradient builder.
 - nn.Hardswish, nn.Mish: HardSwish and Softplus have no gradient builder.
@@ -42,6 +43,19 @@ def _gelu(self: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     if self.approximate == "tanh":
         return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3)))
     return F.gelu(x)
+
+
+def _gelu_tanh(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3)))
+
+
+def _transformers_rewrites() -> dict[type, object]:
+    """The rewrites of transformers' own layers, if transformers is installed (it is not needed to export)."""
+    try:
+        from transformers.activations import GELUTanh
+    except ImportError:
+        return {}
+    return {GELUTanh: _gelu_tanh}
 
 
 def _embedding_bag(self: nn.EmbeddingBag, input, offsets=None, per_sample_weights=None):  # noqa: A002
@@ -217,11 +231,13 @@ def traceable_forwards() -> Iterator[None]:
     """While tracing: the rewritten forwards above, and torch's fused attention fast path off."""
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    for cls, forward in _REWRITES.items():
+    rewrites = {**_REWRITES, **_transformers_rewrites()}
+    originals = {cls: cls.forward for cls in rewrites}
+    for cls, forward in rewrites.items():
         cls.forward = forward
     try:
         yield
     finally:
-        for cls, forward in _ORIGINAL.items():
+        for cls, forward in originals.items():
             cls.forward = forward
         torch.backends.mha.set_fastpath_enabled(fast_path)

@@ -20,7 +20,8 @@ class LoraSpec:
     `target_modules` is a list of module names (matched on the name's last parts, as PEFT does) or one
     regular expression matched against the full module name; None (the default) is the model's own default:
     for a transformers directory by its model_type (`edgepeft.export.transformers_models.DEFAULT_TARGETS`),
-    else ("query", "value").
+    else ("query", "value"); for a causal LM by `edgepeft.export.causal_lm.DEFAULT_TARGETS`, else every Linear but
+    the output layer.
     """
 
     r: int = 8
