@@ -18,7 +18,8 @@ from edgepeft.fileio import disk_bytes
 @click.option(
     "--target-modules",
     help="Modules to adapt: comma-separated names, or one regular expression with --regex "
-    "[default: the model family's own, e.g. query,value for BERT, q_lin,v_lin for DistilBERT].",
+    "[default: the model family's own, e.g. query,value for BERT, q_lin,v_lin for DistilBERT, the seven "
+    "projections for Llama; a causal LM family without one: every Linear but the output layer].",
 )
 @click.option("--regex", is_flag=True, help="Treat --target-modules as one regular expression.")
 @click.option("--rank", "r", default=8, show_default=True, help="LoRA rank.")
@@ -75,7 +76,8 @@ def export(
 ) -> None:
     """Compile MODEL into a training bundle.
 
-    MODEL is a Hugging Face transformers text or image classifier directory (loaded offline);
+    MODEL is a Hugging Face transformers text or image classifier directory, or a causal LM directory (Llama,
+    GPT-2, Qwen2, Gemma, ...: a bundle that trains on text and generates), loaded offline;
     `package.module:function`, naming a function that returns `(torch_module, example_inputs_dict)` (the
     module is looked up in the current directory first, then on PYTHONPATH); or an ONNX model file
     (`model.onnx`, with --head-on).
