@@ -401,6 +401,12 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
     assert generated.exit_code == 0 and json.loads(generated.stdout.splitlines()[-1])["text"] == expected
     refused = run(main, ["predict", bundle, "--text", "hello"])
     assert refused.exit_code == 1 and "generate" in refused.output
+    jsonl = tmp_path / "texts.jsonl"
+    jsonl.write_text('{"text": "the cat"}\n')
+    refused = run(main, ["predict", bundle, "--data", str(jsonl)])  # refused before the file is read as a classifier's
+    assert refused.exit_code == 1 and "causal language model" in refused.output and "edgepeft generate" in refused.output
+    empty = run(main, ["generate", bundle, "--prompt", ""])
+    assert empty.exit_code == 2 and "'--prompt': is empty" in empty.output
 
 
 def test_lm_device_commands_never_load_torch(lm, text_file, tmp_path):

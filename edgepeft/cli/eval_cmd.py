@@ -10,6 +10,7 @@ import click
 from edgepeft.cli.app import Command
 from edgepeft.cli.common import check_report, open_session, write_report
 from edgepeft.cli.data_options import data_options, read_data, read_inputs, text_column_option
+from edgepeft.errors import InputError
 
 
 @click.command(name="eval", cls=Command)
@@ -64,6 +65,9 @@ def predict(
     if not texts and not data:
         raise click.UsageError("give --text or --data")
     session = open_session(bundle, adapter)
+    if session.manifest.task is not None:  # before --data is read: its format is the classifier's
+        raise InputError(f"{bundle} is a causal language model, it predicts no labels: continue a text with "
+                         "`edgepeft generate --prompt`, score one with `edgepeft eval --data`")  # fmt: skip
     shown: list[Any] = []
     results = []
     if texts:

@@ -34,6 +34,8 @@ def generate(
     as_json: bool,
 ) -> None:
     """Continue --prompt with BUNDLE (a causal LM) and the adapter; stops at the end-of-text token."""
+    if not prompt:
+        raise click.BadParameter("is empty: give the text to continue", param_hint="'--prompt'")
     session = open_session(bundle, adapter)
     source = [{"role": "user", "content": prompt}] if chat else prompt
     result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
