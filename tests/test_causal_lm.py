@@ -404,7 +404,8 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text('{"text": "the cat"}\n')
     refused = run(main, ["predict", bundle, "--data", str(jsonl)])  # refused before the file is read as a classifier's
-    assert refused.exit_code == 1 and "causal language model" in refused.output and "edgepeft generate" in refused.output
+    assert refused.exit_code == 1
+    assert "causal language model" in refused.output and "edgepeft generate" in refused.output
     empty = run(main, ["generate", bundle, "--prompt", ""])
     assert empty.exit_code == 2 and "'--prompt': is empty" in empty.output
 
