@@ -16,7 +16,7 @@ import torch
 from edgepeft import manifest as mf
 from edgepeft.errors import BundleError, DataError, InputError
 from edgepeft.export import ExportOptions, LoraSpec, export
-from edgepeft.runtime import TrainConfig, TrainingSession
+from edgepeft.runtime import GenerationSession, TrainConfig, TrainingSession
 from edgepeft.runtime.tasks.causal_lm import IGNORE
 
 TEXT = "the cat sat on a mat . she said hello world to the dog and he was very happy to see her again . " * 12
@@ -278,6 +278,29 @@ def test_generation_uses_the_current_adapter_and_samples_reproducibly(lm):
     assert chat.prompt_tokens == len("<|im_start|> user hello <|im_end|> <|im_start|> assistant".split())
     with pytest.raises(InputError, match="top_p"):
         session.generate("hello", 4, temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_generation_session_generates_as_the_training_session(lm, family, mlp_bundle, tmp_path):
+    """Generation alone (no training state): the exported values with no adapter, then a loaded adapter's, greedy
+    and seeded sampling alike, on the int8 and the fp32 bundle."""
+    for bundle in lm[family][1:]:
+        _generates_as_the_training_session(bundle, tmp_path / Path(bundle).name)
+    with pytest.raises(InputError, match="not a causal language model"):
+        GenerationSession(mlp_bundle)
+
+
+def _generates_as_the_training_session(bundle: Path, tmp_path: Path) -> None:
+    trainer, generator = TrainingSession(bundle), GenerationSession(bundle)
+    sample = dict(temperature=1.0, top_k=8, seed=3)
+    assert generator.generate("hello", 12).token_ids == trainer.generate("hello", 12).token_ids
+    values = _random_adapter(trainer, scale=1.0)
+    trainer.set_trainable(values)
+    adapter = trainer.save_adapter(tmp_path / "adapter")
+    generator.load_adapter(adapter)
+    for kwargs in ({}, sample):
+        assert generator.generate("hello", 12, **kwargs).token_ids == trainer.generate("hello", 12, **kwargs).token_ids
+    assert GenerationSession(bundle, adapter).generate("hello", 12).token_ids == trainer.generate("hello", 12).token_ids
 
 
 def test_generation_stops_at_eos(lm):

@@ -7,7 +7,6 @@ import json
 import click
 
 from edgepeft.cli.app import Command
-from edgepeft.cli.common import open_session
 
 
 @click.command(cls=Command)
@@ -33,10 +32,14 @@ def generate(
     seed: int | None,
     as_json: bool,
 ) -> None:
-    """Continue --prompt with BUNDLE (a causal LM) and the adapter; stops at the end-of-text token."""
+    """Continue --prompt with BUNDLE (a causal LM) and the adapter; stops at the end-of-text token.
+
+    Generation alone: the bundle's training state is not loaded (a `GenerationSession`)."""
     if not prompt:
         raise click.BadParameter("is empty: give the text to continue", param_hint="'--prompt'")
-    session = open_session(bundle, adapter)
+    from edgepeft.runtime import GenerationSession
+
+    session = GenerationSession(bundle, adapter)
     source = [{"role": "user", "content": prompt}] if chat else prompt
     result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     speed = result.tokens_per_second

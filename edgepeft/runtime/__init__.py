@@ -2,6 +2,8 @@
 
 from edgepeft.runtime.bundle import Bundle, open_bundle
 from edgepeft.runtime.data import Dataset
+from edgepeft.runtime.generation import Generation
+from edgepeft.runtime.generation_session import GenerationSession
 from edgepeft.runtime.session import EvalReport, Prediction, TrainingSession, TrainReport
 from edgepeft.runtime.train_config import TrainConfig
 
@@ -9,6 +11,8 @@ __all__ = [
     "Bundle",
     "Dataset",
     "EvalReport",
+    "Generation",
+    "GenerationSession",
     "Prediction",
     "TrainConfig",
     "TrainReport",

@@ -96,7 +96,7 @@ class Generator:
     def generate(
         self,
         prompt: str | list[dict],
-        values: dict[str, np.ndarray],
+        values: dict[str, np.ndarray] | None,
         max_new_tokens: int = 32,
         *,
         temperature: float = 0.0,
@@ -106,7 +106,8 @@ class Generator:
         use_cache: bool = True,
         stop_ids: Collection[int] | None = None,
     ) -> Generation:
-        """Continue `prompt` with the adapter `values`; `use_cache=False` reruns the whole sequence each token.
+        """Continue `prompt` with the adapter `values` (None: the bundle's exported values); `use_cache=False`
+        reruns the whole sequence each token.
 
         Generation stops at any of `stop_ids` (default: the bundle's eos and end-of-turn ids; `()`: never)."""
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -162,10 +163,12 @@ class Generator:
             raise InputError(f"the prompt {prompt!r} encodes to no tokens")
         return ids
 
-    def _binding(self, values: dict[str, np.ndarray]):
-        """An IOBinding holding the adapter `values` as ORT values for one generation (bound once, not fed per run)."""
+    def _binding(self, values: dict[str, np.ndarray] | None):
+        """An IOBinding holding the adapter `values` as ORT values for one generation (bound once, not fed per run);
+        None binds none: the graph's initializers, the values the bundle was exported with, then generate."""
         binding = self._session.io_binding()
-        adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in self._trainable}
+        names = self._trainable if values is not None else []
+        adapter = {name: np.ascontiguousarray(values[name], dtype=np.float32) for name in names}
         for name, value in adapter.items():
             binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value))
         binding.adapter = adapter  # ortvalue_from_numpy shares the array's memory: keep the arrays alive
