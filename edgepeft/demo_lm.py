@@ -108,15 +108,19 @@ def run_lm_demo(
     options = ExportOptions(quantization="int8", max_length=256, base_name=HUB_NAME)
     export(model_dir, bundle, lora=LoraSpec(r=8, alpha=16), options=options, overwrite=True)
 
-    score = {"heldout": {n: str(p) for n, p in heldout.items()}, "prompts": PROMPTS, "max_new_tokens": max_new_tokens}
+    score = {"heldout": {n: str(p) for n, p in heldout.items()}}
+    generate = {"prompts": PROMPTS, "max_new_tokens": max_new_tokens}
     print("on the device (separate processes, without torch): scoring the base model ...", file=sys.stderr)
     before = _device(out, "score", bundle=str(bundle), **score)
+    before_texts = _device(out, "generate", bundle=str(bundle), **generate)
     adapter = out / "adapter"
     print(f"training on {train.name} ...", file=sys.stderr)
     trained = _device(out, "train", bundle=str(bundle), data=str(train), epochs=epochs, learning_rate=learning_rate,
                       seed=seed, max_steps=max_steps, adapter_out=str(adapter))  # fmt: skip
     print("scoring with the adapter ...", file=sys.stderr)
     after = _device(out, "score", bundle=str(bundle), adapter=str(adapter), **score)
+    after_texts = _device(out, "generate", bundle=str(bundle), adapter=str(adapter), **generate)
+    device = (before, before_texts, trained, after, after_texts)
 
     change = {n: after["perplexity"][n] / before["perplexity"][n] - 1 for n in NOVELS}
     others = [n for n in NOVELS if n != TARGET]
@@ -129,15 +133,16 @@ def run_lm_demo(
         "target_fell_most": all(change[TARGET] < change[n] for n in others),
         "heldout_tokens": before["tokens"],
         "continuations": [{"prompt": p, "before": b, "after": a}
-                          for p, b, a in zip(PROMPTS, before["texts"], after["texts"])],  # fmt: skip
+                          for p, b, a in zip(PROMPTS, before_texts["texts"], after_texts["texts"])],  # fmt: skip
         "train_tokens_per_s": round(trained["tokens_per_s"], 1),
         "train_tokens": trained["tokens"],
         "train_steps": trained["steps"],
         "train_seconds": round(trained["seconds"], 1),
         "train_peak_rss_mb": round(trained["peak_rss_mb"], 1),
-        "generate_tokens_per_s": round(after["tokens_per_s"], 1),
-        "generate_peak_rss_mb": round(after["peak_rss_mb"], 1),
-        "device_torch_loaded": trained["torch_loaded"] or before["torch_loaded"] or after["torch_loaded"],
+        "score_peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "generate_tokens_per_s": round(after_texts["tokens_per_s"], 1),
+        "generate_peak_rss_mb": round(after_texts["peak_rss_mb"], 1),
+        "device_torch_loaded": any(job["torch_loaded"] for job in device),
         "bundle_mb": round(disk_bytes(bundle) / 1e6, 1),
         "adapter_kb": round(disk_bytes(adapter) / 1e3, 1),
         "epochs": epochs,
@@ -160,15 +165,13 @@ def _device(out: Path, job: str, **arguments: Any) -> dict[str, Any]:
 def device_main() -> None:
     """Entry point of a device process: `JOB ARGUMENTS_JSON REPORT_PATH`."""
     job, arguments, report = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    figures = (device_score if job == "score" else device_train)(**arguments)
+    figures = {"score": device_score, "generate": device_generate, "train": device_train}[job](**arguments)
     figures["torch_loaded"] = sys.modules.get("torch") is not None
     report.write_text(json.dumps(figures), encoding="utf-8")
 
 
-def device_score(
-    bundle: str, heldout: dict[str, str], prompts: list[str], max_new_tokens: int, adapter: str | None = None
-) -> dict[str, Any]:
-    """Perplexity on each held-out file and greedy continuations of the prompts, with the adapter if given."""
+def device_score(bundle: str, heldout: dict[str, str], adapter: str | None = None) -> dict[str, Any]:
+    """Perplexity on each held-out file, with the adapter if given."""
     from edgepeft.runtime import TrainingSession
     from edgepeft.runtime.memory import peak_rss_mb
 
@@ -179,12 +182,19 @@ def device_score(
     for novel, path in heldout.items():
         result = session.evaluate(session.load_data(path), batch_size=1)
         perplexity[novel], tokens[novel] = result.perplexity, result.tokens
+    return {"perplexity": perplexity, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def device_generate(bundle: str, prompts: list[str], max_new_tokens: int, adapter: str | None = None) -> dict[str, Any]:
+    """Greedy continuations of the prompts with generation alone (no training state), the adapter if given."""
+    from edgepeft.runtime import GenerationSession
+    from edgepeft.runtime.memory import peak_rss_mb
+
+    session = GenerationSession(bundle, adapter)
     generations = [session.generate(prompt, max_new_tokens) for prompt in prompts]
     new = sum(len(g.token_ids) - 1 for g in generations)
     seconds = sum(g.decode_seconds for g in generations)
     return {
-        "perplexity": perplexity,
-        "tokens": tokens,
         "texts": [g.text for g in generations],
         "tokens_per_s": new / seconds if seconds > 0 else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
