@@ -4,7 +4,8 @@
 
 The device step's frozen products are int8 and PyTorch + PEFT's are fp32, so the training ratio of
 `edgepeft bench lm` follows what this CPU does with each (VNNI or not, its BLAS's fp32 GEMM). The three run
-interleaved in one process; prints each median (the first tenth of the runs left out) and the ratios.
+interleaved in one process, ORT's idle threads not spinning (they would take the cores from torch's); prints each
+median (the first tenth of the runs left out) and the ratios.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _session(node, inputs, m: int, n: int, threads: int):
     model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle ORT threads would slow torch's
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
