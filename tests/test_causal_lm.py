@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +432,13 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
     assert "causal language model" in refused.output and "edgepeft generate" in refused.output
     empty = run(main, ["generate", bundle, "--prompt", ""])
     assert empty.exit_code == 2 and "'--prompt': is empty" in empty.output
+    plain = tmp_path / "plain"
+    shutil.copytree(bundle, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["task"]["chat_template"] = None
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    no_template = run(main, ["generate", str(plain), "--prompt", "hello", "--chat"])
+    assert no_template.exit_code == 2 and "'--chat': bundle" in no_template.output
 
 
 def test_lm_device_commands_never_load_torch(lm, text_file, tmp_path):

@@ -40,6 +40,9 @@ def generate(
     from edgepeft.runtime import GenerationSession
 
     session = GenerationSession(bundle, adapter)
+    if chat and not session.manifest.task.chat_template:
+        raise click.BadParameter(f"bundle {bundle} has no chat template: give --prompt as plain text",
+                                 param_hint="'--chat'")  # fmt: skip
     source = [{"role": "user", "content": prompt}] if chat else prompt
     result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     speed = result.tokens_per_second
