@@ -123,10 +123,9 @@ def lm_generate(job: dict[str, Any]) -> dict[str, Any]:
             return out.sequences[0, ids.shape[1] :].tolist()
 
     else:
-        from edgepeft.runtime import TrainingSession
+        from edgepeft.runtime import GenerationSession
 
-        session = TrainingSession(job["bundle"], threads=job["threads"])
-        session.load_adapter(job["adapter"])
+        session = GenerationSession(job["bundle"], job["adapter"], threads=job["threads"])  # generation alone
 
         def run(prompt: str) -> list[int]:
             return session.generate(prompt, new).token_ids
