@@ -24,6 +24,7 @@ def status(key):
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 kind, bundle, adapter, new = sys.argv[1], sys.argv[2], sys.argv[3] or None, int(sys.argv[4])
 from edgepeft.runtime import GenerationSession, TrainingSession
+from edgepeft.runtime.memory import peak_rss_mb
 if kind == "generation":
     session = GenerationSession(bundle, adapter, threads=2)
 else:
@@ -33,7 +34,7 @@ else:
     session.generate("hello", 1)  # builds the generator, as the first generate of an app does
 ready = status("VmRSS")
 result = session.generate(sys.argv[5], new)
-print(json.dumps({"ready_rss_mb": round(ready, 1), "peak_rss_mb": round(status("VmHWM"), 1),
+print(json.dumps({"ready_rss_mb": round(ready, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                   "tokens_per_s": result.tokens_per_second, "token_ids": result.token_ids}))
 """
 

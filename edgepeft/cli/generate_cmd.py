@@ -37,12 +37,14 @@ def generate(
     Generation alone: the bundle's training state is not loaded (a `GenerationSession`)."""
     if not prompt:
         raise click.BadParameter("is empty: give the text to continue", param_hint="'--prompt'")
-    from edgepeft.runtime import GenerationSession
+    from edgepeft.runtime import GenerationSession, open_bundle
 
-    session = GenerationSession(bundle, adapter)
-    if chat and not session.manifest.task.chat_template:
+    opened = open_bundle(bundle)
+    task = opened.manifest.task
+    if chat and task is not None and not task.chat_template:  # before the generation graph is loaded
         raise click.BadParameter(f"bundle {bundle} has no chat template: give --prompt as plain text",
                                  param_hint="'--chat'")  # fmt: skip
+    session = GenerationSession(opened, adapter)
     source = [{"role": "user", "content": prompt}] if chat else prompt
     result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     speed = result.tokens_per_second
