@@ -33,7 +33,7 @@ def test_config_is_validated():
 
 
 def test_greedy_agreement_counts_prompts_whose_first_tokens_match():
-    run = {"train": [{"median_ms": 100.0, "tokens_per_step": 256, "peak_rss_mb": 1.0, "torch_loaded": False}],
+    run = {"train": [{"times_ms": [100.0], "tokens_per_step": 256, "peak_rss_mb": 1.0, "torch_loaded": False}],
            "perplexity": {"perplexity": 10.0}}  # fmt: skip
     ours = {**run, "generate": [{"tokens_per_s": 2.0, "peak_rss_mb": 1.0, "torch_loaded": False,
                                  "token_ids": [[1, 2, 3], [4, 5, 6], [7]]}]}  # fmt: skip
@@ -51,16 +51,18 @@ def test_greedy_agreement_counts_prompts_whose_first_tokens_match():
 def test_the_bundle_without_recompute_is_scored_against_pytorch():
     run = {"perplexity": {"perplexity": 10.0},
            "generate": [{"tokens_per_s": 1.0, "peak_rss_mb": 1.0, "torch_loaded": False, "token_ids": [[1]]}]}
-    ours = {**run, "train": [{"median_ms": 200.0, "tokens_per_step": 256, "peak_rss_mb": 400.0, "torch_loaded": False}]}
-    theirs = {**run, "train": [{"median_ms": 300.0, "tokens_per_step": 256, "peak_rss_mb": 2000.0,
+    ours = {**run, "train": [{"times_ms": [200.0], "tokens_per_step": 256, "peak_rss_mb": 400.0, "torch_loaded": False}]}
+    theirs = {**run, "train": [{"times_ms": [300.0, 290.0, 310.0], "tokens_per_step": 256, "peak_rss_mb": 2000.0,
                                 "torch_loaded": True}]}  # fmt: skip
-    fast = [{"median_ms": ms, "tokens_per_step": 256, "peak_rss_mb": peak, "torch_loaded": False}
-            for ms, peak in ((150.0, 900.0), (100.0, 950.0))]  # fmt: skip
+    fast = [{"times_ms": times, "tokens_per_step": 256, "peak_rss_mb": peak, "torch_loaded": False}
+            for times, peak in (([150.0, 140.0], 900.0), ([100.0, 90.0], 950.0))]  # fmt: skip
     results = summarize(LMBenchConfig(max_new_tokens=1, agree_tokens=1), {"edgepeft": ours, "pytorch-peft": theirs},
                         {"int8": 3, "fp32": 10, "adapter": 1}, fast)  # fmt: skip
     figures = results[NO_RECOMPUTE]
-    assert figures["train_ms_per_step"] == 125.0 and figures["train_peak_rss_mb"] == 950.0  # median; the larger peak
-    assert figures["ratios"] == {"train_tokens_per_s": 2.4, "train_peak_rss": 0.475}
+    # the median of every round's steps pooled (not of the rounds' medians: 120.0); the larger peak
+    assert figures["train_ms_per_step"] == 120.0 and figures["train_peak_rss_mb"] == 950.0
+    assert figures["train_round_medians_ms"] == [145.0, 95.0]
+    assert figures["ratios"] == {"train_tokens_per_s": 2.5, "train_peak_rss": 0.475}
     assert results["ratios"]["train_tokens_per_s"] == 1.5  # the default bundle's own ratio is unchanged
     assert "Without recomputation" in markdown({**results, "config": asdict(LMBenchConfig()), "seconds": 1.0,
                                                 "command": "x"})  # fmt: skip
@@ -100,3 +102,44 @@ def test_smoke_run_measures_both_systems_on_smollm2(tmp_path):
     assert "| training tokens/s |" in (out / "results.md").read_text()
     fast = results[NO_RECOMPUTE]  # the bundle exported with recompute=False, trained in the same round
     assert fast["torch_loaded"] is False and fast["train_tokens_per_s"] > 0 and fast["ratios"]["train_peak_rss"] > 0
+
+
+def test_training_steps_are_interleaved_across_systems_in_their_own_processes(tmp_path):
+    """Each system trains in its own long-lived process (the device's with torch blocked); the systems take one
+    step each in turn, the order rotating every turn, and the device worker saves the adapter it trained."""
+    import tiny_lm
+
+    from edgepeft.bench.config import EDGEPEFT, PYTORCH
+    from edgepeft.bench.interleave import interleaved_steps
+    from edgepeft.bench.optimizer import bundle_adamw
+    from edgepeft.export import ExportOptions, LoraSpec, export
+
+    model = tiny_lm.make_dir("llama", tmp_path / "model")
+    bundle = tmp_path / "bundle"
+    export(model, bundle, lora=LoraSpec(r=4, target_modules=("q_proj", "v_proj")), options=ExportOptions(max_length=16))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(tiny_lm.WORDS * 4), encoding="utf-8")
+    common = {"task": "lm_train", "threads": 1, "learning_rate": 1e-3, "text": str(text), "batch": 1,
+              "bundle": str(bundle)}  # fmt: skip
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    jobs = {EDGEPEFT: {**common, "system": EDGEPEFT, "adapter_out": str(tmp_path / "adapter")},
+            PYTORCH: {**common, "system": PYTORCH, "model": str(model), "lora": lora, "adamw": bundle_adamw(bundle)}}
+    results = interleaved_steps(jobs, warmup=1, steps=4)
+    assert results[EDGEPEFT]["torch_loaded"] is False and results[PYTORCH]["torch_loaded"] is True
+    assert all(len(r["times_ms"]) == 4 and min(r["times_ms"]) > 0 for r in results.values())
+    assert results[EDGEPEFT]["tokens_per_step"] == 16
+    order = sorted((t, name) for name, r in results.items() for t in r["started_s"])
+    # turns 1..4 after the warm-up turn 0: the order rotates each turn
+    assert [name for _, name in order] == [PYTORCH, EDGEPEFT, EDGEPEFT, PYTORCH] * 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failing_training_worker_names_itself_and_its_error(tmp_path):
+    from edgepeft.bench.config import EDGEPEFT
+    from edgepeft.bench.interleave import interleaved_steps
+    from edgepeft.errors import EdgePeftError
+
+    job = {"task": "lm_train", "system": EDGEPEFT, "threads": 1, "learning_rate": 1e-3, "batch": 1,
+           "bundle": str(tmp_path / "missing"), "text": str(tmp_path / "missing.txt")}  # fmt: skip
+    with pytest.raises(EdgePeftError, match=f"worker {EDGEPEFT} failed: .*missing"):
+        interleaved_steps({EDGEPEFT: job}, warmup=0, steps=1, timeout=60)

@@ -1,13 +1,14 @@
 """`edgepeft bench lm`: SmolLM2-135M on the device against PyTorch eager + PEFT and transformers' `generate`.
 
-One run measures, side by side and interleaved over rounds (who goes first alternates): training ms per step
-and tokens/s at batch x block tokens of Emma with peak RSS (edgepeft's int8 bundle, torch blocked, against
-PyTorch + PEFT fp32 with the same LoRA spec and AdamW settings); greedy generation tokens/s with the adapter
+One run measures, side by side: training ms per step and tokens/s at batch x block tokens of Emma with peak RSS
+(edgepeft's int8 bundle, torch blocked, against PyTorch + PEFT fp32 with the same LoRA spec and AdamW settings),
+each system in its own process and their steps interleaved one by one (`edgepeft.bench.interleave`: a shared
+machine's slow phases then fall on every system alike), in `rounds` sets of fresh processes; greedy generation tokens/s with the adapter
 edgepeft trained (its KV-cache graph against `generate` on the PEFT model, KV cache on both) and how many
-prompts' first `agree_tokens` greedy tokens agree; the adapter's perplexity on held-out Emma on the host and
-on the device; the int8 and fp32 bundles' sizes. Ratios are edgepeft over the other system, within the run.
+prompts' first `agree_tokens` greedy tokens agree (in separate processes per round, who goes first alternating);
+the adapter's perplexity on held-out Emma on the host and on the device; the int8 and fp32 bundles' sizes. Ratios are edgepeft over the other system, within the run.
 
-With `no_recompute`, the same rounds also train a second int8 bundle exported with `recompute=False`: the
+With `no_recompute`, the same interleaved steps also train a second int8 bundle exported with `recompute=False`: the
 export's default recomputes each block's activations in the backward pass to keep the device's peak low, and this
 bundle shows what that costs in speed (the other side of the trade: its peak memory).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepeft.bench.config import EDGEPEFT, PYTORCH
+from edgepeft.bench.interleave import interleaved_steps
 from edgepeft.bench.run import RESULTS, spawn
-from edgepeft.errors import InputError
+from edgepeft.errors import EdgePeftError, InputError
 from edgepeft.fileio import claim_directory, disk_bytes
 
 logger = logging.getLogger(__name__)
@@ -139,12 +142,16 @@ def run_lm_bench(config: LMBenchConfig, out: str | os.PathLike, command: str = "
         if config.no_recompute:  # the device worker (torch blocked) on the bundle that keeps activations
             trainers[NO_RECOMPUTE] = {**base[EDGEPEFT], "bundle": str(bundles[NO_RECOMPUTE])}
         no_recompute_runs: list[dict[str, Any]] = []
-        for r in range(config.rounds):
-            names = list(trainers)
-            for name in names[r % len(names):] + names[: r % len(names)]:  # who goes first rotates
-                job = {**trainers[name], **common, "task": "lm_train", "batch": config.batch, "steps": config.steps,
-                       "warmup": config.warmup, "adapter_out": str(adapter) if r == 0 and name == EDGEPEFT else None}
-                result = run(f"train {name}, round {r + 1}", job)
+        for r in range(config.rounds):  # each round: fresh processes, their steps interleaved one by one
+            jobs = {name: {**job, **common, "task": "lm_train", "batch": config.batch,
+                           "adapter_out": str(adapter) if r == 0 and name == EDGEPEFT else None}
+                    for name, job in trainers.items()}  # fmt: skip
+            t0 = time.perf_counter()
+            results = interleaved_steps(jobs, config.warmup, config.steps)
+            say(f"train {', '.join(trainers)} (steps interleaved), round {r + 1}: {time.perf_counter() - t0:.1f} s")
+            for name, result in results.items():
+                if name != PYTORCH and result["torch_loaded"]:
+                    raise EdgePeftError(f"the {name} training worker loaded torch: its figures would not be a device's")
                 (no_recompute_runs if name == NO_RECOMPUTE else raw[name]["train"]).append(result)
         prompt_ids = _prompt_ids(bundles["int8"], config.prompts)
         stops = manifest["task"]["stop_token_ids"]
@@ -226,10 +233,13 @@ def summarize(config: LMBenchConfig, raw: dict[str, Any], sizes: dict[str, int],
 
 
 def _training_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A bundle's training figures over its rounds: the median ms a step, tokens/s at it, the largest peak."""
-    train_ms = _best(runs, "median_ms")
+    """A bundle's training figures over its rounds: the median ms of every timed step, tokens/s at it, each
+    round's median and the largest peak."""
+    train_ms = statistics.median(t for r in runs for t in r["times_ms"])
     return {"train_ms_per_step": round(train_ms, 1),
             "train_tokens_per_s": round(runs[0]["tokens_per_step"] / train_ms * 1e3, 1),
+            "train_round_medians_ms": [round(statistics.median(r["times_ms"]), 1) for r in runs],
+            "train_times_ms": [[round(t, 1) for t in r["times_ms"]] for r in runs],
             "train_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1)}  # fmt: skip
 
 
@@ -289,7 +299,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# SmolLM2-135M-Instruct on the device: edgepeft against PyTorch + PEFT", "",
         f"Batch {c['batch']} x {c['block']} tokens of Emma, LoRA r=8 on the seven projections, {c['steps']} timed "
-        f"steps after {c['warmup']} warm-up, {c['rounds']} rounds (order alternating); {c['threads']} threads; "
+        f"steps after {c['warmup']} warm-up in each of {c['rounds']} rounds, the systems' steps interleaved one by "
+        f"one; {c['threads']} threads; "
         f"{results['seconds']:.0f} s in all. Command: `{results['command']}`.", "",
         "| | edgepeft (int8, torch-free) | PyTorch + PEFT (fp32) | ratio |", "|---|---|---|---|",
     ]  # fmt: skip
@@ -308,7 +319,7 @@ def markdown(results: dict[str, Any]) -> str:
     fast = results.get(NO_RECOMPUTE)
     if fast:
         lines += [
-            f"Without recomputation (an int8 bundle exported with recompute=False, trained in the same rounds): "
+            f"Without recomputation (an int8 bundle exported with recompute=False, its steps interleaved with the others): "
             f"{fast['train_ms_per_step']} ms/step, {fast['train_tokens_per_s']} tokens/s "
             f"({fast['ratios']['train_tokens_per_s']}x PyTorch + PEFT), peak RSS {fast['train_peak_rss_mb']} MB "
             f"({fast['ratios']['train_peak_rss']}x).", "",

@@ -1,8 +1,9 @@
 """The causal-LM workload's measurements, each run in a fresh `edgepeft.bench.worker` process.
 
-`lm_train`: ms per training step on one fixed batch of Emma blocks (edgepeft's runtime on the int8 bundle, or
-PyTorch eager + PEFT on the fp32 model with the same LoRA spec and AdamW), after discarded warm-up steps;
-edgepeft's job also saves the adapter it trained, which the other jobs then use. `lm_generate`: greedy
+`lm_train`: training steps on one fixed batch of Emma blocks (edgepeft's runtime on the int8 bundle, or PyTorch
+eager + PEFT on the fp32 model with the same LoRA spec and AdamW), one at a time on demand, so the harness can
+interleave them with the other systems' steps; edgepeft's job then saves the adapter it trained, which the other
+jobs use. `lm_generate`: greedy
 continuations of the prompts with that adapter (edgepeft's KV-cache graph, or transformers' `generate` on the
 PEFT model, KV cache on); new tokens per second over the whole call, prompt included. `lm_perplexity`: the
 adapter's perplexity on a text file as the device scores it (the bundle's tokenizer, blocks of max_length).
@@ -15,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgepeft.bench.config import PYTORCH
 
@@ -55,13 +56,13 @@ class _Torch:
         self.model.eval()  # no dropout, as the exported graph
 
 
-def lm_train(job: dict[str, Any]) -> dict[str, Any]:
-    """Median ms per optimizer step on the first `batch` blocks; edgepeft saves its adapter to `adapter_out`."""
+def _train_step(job: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """One training step on the first `batch` blocks as a call, a call that saves edgepeft's adapter to
+    `adapter_out` (if given), and the tokens a step trains on."""
     import numpy as np
 
-    from edgepeft.bench.worker import timed_ms
-
     blocks = _blocks(job)[0][: job["batch"]]
+    tokens = sum(len(b) for b in blocks)
     if job["system"] == PYTORCH:
         system = _Torch(job)
         torch = system.torch
@@ -75,26 +76,42 @@ def lm_train(job: dict[str, Any]) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad()
 
-    else:
-        from edgepeft.runtime import TrainConfig, TrainingSession
-        from edgepeft.runtime.tasks.causal_lm import positions
+        return step, lambda: None, tokens
 
-        session = TrainingSession(job["bundle"], threads=job["threads"])
-        ids = np.array(blocks, dtype=np.int64)
-        mask = np.ones_like(ids)
-        features = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
-        data = session.dataset({s.name: features[s.name] for s in session.manifest.inputs}, ids)
-        config = TrainConfig(batch_size=len(blocks), learning_rate=job["learning_rate"], shuffle=False)
+    from edgepeft.runtime import TrainConfig, TrainingSession
+    from edgepeft.runtime.tasks.causal_lm import positions
 
-        def step() -> None:
-            session.train(data, config)
+    session = TrainingSession(job["bundle"], threads=job["threads"])
+    ids = np.array(blocks, dtype=np.int64)
+    mask = np.ones_like(ids)
+    features = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+    data = session.dataset({s.name: features[s.name] for s in session.manifest.inputs}, ids)
+    config = TrainConfig(batch_size=len(blocks), learning_rate=job["learning_rate"], shuffle=False)
 
-    times = timed_ms(step, job["warmup"], job["steps"])
-    if job.get("adapter_out") and job["system"] != PYTORCH:
-        session.save_adapter(job["adapter_out"])
-    median = float(np.median(times))
-    tokens = sum(len(b) for b in blocks)
-    return {"median_ms": median, "times_ms": times, "tokens_per_step": tokens, "tokens_per_s": tokens / median * 1e3}
+    def finish() -> None:
+        if job.get("adapter_out"):
+            session.save_adapter(job["adapter_out"])
+
+    return lambda: session.train(data, config), finish, tokens
+
+
+def lm_train(job: dict[str, Any]) -> dict[str, Any]:
+    """Training steps on demand, for steps interleaved with other systems' (`edgepeft.bench.interleave`): once
+    ready, each `step` line on stdin runs one step and answers its ms; `end` saves the adapter and returns."""
+    import sys
+
+    from edgepeft.bench.interleave import answer
+
+    step, finish, tokens = _train_step(job)
+    answer({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        started, start = time.time(), time.perf_counter()
+        step()
+        answer({"ms": (time.perf_counter() - start) * 1e3, "started": started})
+    finish()
+    return {"tokens_per_step": tokens}
 
 
 def lm_generate(job: dict[str, Any]) -> dict[str, Any]:
