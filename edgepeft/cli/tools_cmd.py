@@ -64,8 +64,8 @@ def _command_line() -> str:
 @click.option("--systems", help="Comma-separated, from edgepeft, ort-fp32, pytorch-peft [default: all three].")
 @click.option("--batches", help="Batch sizes of the speed grid, comma-separated [default: 1,8,16].")
 @click.option("--seqs", help="Sequence lengths of the speed grid, comma-separated [default: 64,128].")
-@click.option("--steps", type=int, help="Timed training steps per grid point and round [default: 20].")
-@click.option("--rounds", type=int, help="Rounds of the speed grid, in a rotated system order [default: 3].")
+@click.option("--steps", type=int, help="Timed training steps per grid point and round [default: 20; lm: 8].")
+@click.option("--rounds", type=int, help="Rounds of the speed grid, in a rotated system order [default: 3; lm: 2].")
 @click.option("--seeds", help="Seeds of the accuracy runs, comma-separated [default: 0,1,2].")
 @click.option("--epochs", type=int, help="Epochs of each accuracy run [default: 2, as the demo].")
 @click.option("--threads", type=int, help="Threads for ONNX Runtime and torch [default: all cores].")
@@ -89,7 +89,8 @@ def bench(
     WORKLOAD `classify` (the default, MiniLM): ms per training step over a grid of batch sizes and sequence
     lengths, peak RSS, cold starts, one-sample latency, bundle and adapter sizes, accuracy on the Austen task
     over seeds, and each step's share of this machine's matmul FLOP/s. WORKLOAD `lm` (SmolLM2-135M, takes
-    --steps, --rounds, --threads, --smoke): training tokens/s and peak RSS at 1 x 256 against PyTorch + PEFT,
+    --steps, --rounds, --threads, --smoke): training tokens/s and peak RSS at 1 x 256 against PyTorch + PEFT
+    (each system in its own process, their steps interleaved one by one, in --rounds sets of processes),
     generation tokens/s against transformers' generate with the PEFT model, greedy agreement, host and device
     perplexity of one adapter, bundle sizes. Ratios are taken within the run.
     """
