@@ -184,8 +184,20 @@ def test_every_cli_output_path_keeps_a_users_folder_and_the_bundle(mlp_bundle, u
         result = runner.invoke(main, command)
         assert result.exit_code == 1 and str(user_dir) in result.output, result.output
     result = runner.invoke(main, [*train, "--report", str(user_dir / "thesis.txt")])
-    assert result.exit_code == 1 and "not a JSON report" in result.output
+    assert result.exit_code == 1 and "not an edgepeft report" in result.output
     _survives(user_dir)
+    # JSON that is not a report: the bundle's own manifest, a user's settings
+    (user_dir / "settings.json").write_text('{"theme": "dark"}', encoding="utf-8")
+    for target in (bundle / "manifest.json", user_dir / "settings.json"):
+        before = target.read_bytes()
+        result = runner.invoke(main, [*train, "--report", str(target)])
+        assert result.exit_code == 1 and "not an edgepeft report" in result.output and str(target) in result.output
+        assert target.read_bytes() == before
+    _bundle_intact(bundle, listing)
+    report = tmp_path / "report.json"  # an earlier report is replaced by the next
+    for _ in range(2):
+        result = runner.invoke(main, [*train, "--report", str(report)])
+        assert result.exit_code == 0, result.output
     result = runner.invoke(main, [*train, "--adapter-out", str(tmp_path / "adapter")])  # the bundle still works
     assert result.exit_code == 0, result.output
     _bundle_intact(bundle, listing)

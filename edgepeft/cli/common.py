@@ -14,8 +14,13 @@ import click
 from edgepeft.errors import InputError
 
 
+# The key every report written by `write_report` carries: only a file holding it is replaced by a new report.
+REPORT_MARK = "edgepeft_report"
+
+
 def check_report(path: str | None, flag: str = "--report") -> None:
-    """Refuse, before any work, a report path that holds a directory or a file other than a JSON report."""
+    """Refuse, before any work, a report path that holds a directory or a file other than an earlier edgepeft
+    report (a bundle's manifest, an adapter's config or a data file may be JSON too)."""
     if not path:
         return
     target = Path(path)
@@ -23,19 +28,21 @@ def check_report(path: str | None, flag: str = "--report") -> None:
         raise InputError(f"{flag} {target} is a directory: give a file name such as {target / 'report.json'}")
     if target.exists():
         try:
-            json.loads(target.read_text(encoding="utf-8"))
+            earlier = json.loads(target.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise InputError(f"{flag} {target} exists and is not a JSON report: not replacing it") from None
+            earlier = None
+        if not isinstance(earlier, dict) or REPORT_MARK not in earlier:
+            raise InputError(f"{flag} {target} exists and is not an edgepeft report: not replacing it")
 
 
 def write_report(path: str | None, report: dict[str, Any], flag: str = "--report") -> None:
-    """Write figures as JSON, replacing only an earlier JSON report (never a directory or another file)."""
+    """Write figures as JSON, replacing only an earlier edgepeft report (never a directory or another file)."""
     if not path:
         return
     check_report(path, flag)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps({REPORT_MARK: 1, **report}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(target)
 
 
