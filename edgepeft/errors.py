@@ -17,6 +17,10 @@ class InputError(EdgePeftError, ValueError):
     """Arrays or labels handed to the runtime do not fit the bundle."""
 
 
+class PromptError(InputError):
+    """A prompt a causal LM cannot continue: empty, no tokens, or longer than the model's context."""
+
+
 class DataError(EdgePeftError, ValueError):
     """A local data file is empty, malformed, or holds unknown labels."""
 

@@ -22,7 +22,7 @@ The manifest is the one contract between the exporter and every runtime. Schema 
 
       "task": {"kind": "causal_lm", "tokenizer": "tokenizer.json", "chat_template": "{% for m in messages %}...",
                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 256,
-               "generation_model": "generation.onnx"}
+               "generation_model": "generation.onnx", "stop_token_ids": [2], "max_positions": 8192}
 
   Its inputs are `input_ids`, `attention_mask` (and `position_ids` for families that take them), int64[batch,
   sequence]; `labels` is int64[batch, sequence], the token ids themselves, -100 where no loss is taken (padding,
@@ -31,6 +31,9 @@ The manifest is the one contract between the exporter and every runtime. Schema 
   `input_ids`, `attention_mask` (past + new positions), `position_ids`, `past_key_values.N.key/value`
   float32[batch, kv_heads, past, head_dim] (past may be 0), the trainable tensors (by their ONNX names: feed the
   current adapter's values, the initializers hold the exported ones); outputs `logits`, `present.N.key/value`.
+  `stop_token_ids` are the ids generation ends on besides eos; `max_positions` is the model's context (its
+  position table or rotary range): a prompt and its continuation together never take more positions (null or
+  absent: not known, no limit).
 """
 
 from __future__ import annotations
@@ -192,12 +195,17 @@ class CausalLMTask:
     # the ids generation stops at: eos, the model's other end ids, the chat template's end of turn
     # (empty in a manifest written before the field: eos alone)
     stop_token_ids: tuple[int, ...] = ()
+    # the model's context in positions (prompt + continuation); None: not known (a manifest before the field)
+    max_positions: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind != CAUSAL_LM:
             raise BundleError(f"manifest task kind {self.kind!r} is not known (this edgepeft: {CAUSAL_LM!r})")
         if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length <= 1:
             raise BundleError(f"manifest task max_length {self.max_length!r} is not an integer above 1")
+        positions = self.max_positions
+        if positions is not None and (not isinstance(positions, int) or isinstance(positions, bool) or positions < 2):
+            raise BundleError(f"manifest task max_positions {positions!r} is not an integer above 1 or null")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not _token_id(getattr(self, name)):
                 raise BundleError(f"manifest task {name} {getattr(self, name)!r} is not a token id or null")

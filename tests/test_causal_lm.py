@@ -335,6 +335,29 @@ def test_generation_stops_at_any_stop_id(lm):
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
 
 
+@pytest.mark.parametrize("family", tiny_lm.FAMILIES)
+def test_generation_stops_where_the_models_context_is_full(lm, family):
+    """A prompt and its continuation take at most the model's positions (GPT-2's position table ends there; a
+    rotary model would otherwise grow its cache without end); a prompt that fills them is refused."""
+    import dataclasses
+
+    bundle = lm[family][1]
+    session = TrainingSession(bundle)
+    assert session.manifest.task.max_positions == 128  # the tiny configs' max_position_embeddings / n_positions
+    session._task.task = dataclasses.replace(session._task.task, eos_token_id=None, stop_token_ids=())  # no stop
+    prompt = "the cat sat on a mat"
+    result = session.generate(prompt, 500)
+    prompt_tokens = result.prompt_tokens
+    assert result.stopped == "max_positions" and prompt_tokens + len(result.token_ids) == 128
+    assert session.generate(prompt, 128 - prompt_tokens).stopped == "max_new_tokens"
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    refused = CliRunner().invoke(main, ["generate", str(bundle), "--prompt", "the " * 128])
+    assert refused.exit_code == 2 and "'--prompt'" in refused.output and "128 positions" in refused.output
+
+
 def test_a_start_token_named_eos_gives_way_to_the_config_eos(tmp_path):
     """SmolLM2's tokenizer converted from GGUF names <|im_start|> (its bos) as eos; the config's eos is right."""
     source = tiny_lm.make_dir("llama", tmp_path / "model", eos_token="<s>")

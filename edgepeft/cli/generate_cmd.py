@@ -7,6 +7,7 @@ import json
 import click
 
 from edgepeft.cli.app import Command
+from edgepeft.errors import PromptError
 
 
 @click.command(cls=Command)
@@ -32,7 +33,8 @@ def generate(
     seed: int | None,
     as_json: bool,
 ) -> None:
-    """Continue --prompt with BUNDLE (a causal LM) and the adapter; stops at the end-of-text token.
+    """Continue --prompt with BUNDLE (a causal LM) and the adapter; stops at the end-of-text token, after
+    --max-new-tokens, or where the model's context (its positions) is full.
 
     Generation alone: the bundle's training state is not loaded (a `GenerationSession`)."""
     if not prompt:
@@ -46,7 +48,11 @@ def generate(
                                  param_hint="'--chat'")  # fmt: skip
     session = GenerationSession(opened, adapter)
     source = [{"role": "user", "content": prompt}] if chat else prompt
-    result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    try:
+        result = session.generate(source, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed)  # fmt: skip
+    except PromptError as e:
+        raise click.BadParameter(str(e).removeprefix("the prompt "), param_hint="'--prompt'") from None
     speed = result.tokens_per_second
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,

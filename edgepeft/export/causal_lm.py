@@ -184,6 +184,7 @@ def _task(tokenizer, model, max_length: int) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "stop_token_ids": _stop_token_ids(tokenizer, model),
+        "max_positions": positions if isinstance(positions, int) and positions > 1 else None,
     }
 
 

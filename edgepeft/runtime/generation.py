@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepeft.errors import BundleError, InputError
+from edgepeft.errors import BundleError, InputError, PromptError
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.dequantized import dequantized_graph
 from edgepeft.runtime.ort import onnxruntime_module, session_options
@@ -37,7 +37,8 @@ PAST, PRESENT = "past_key_values.", "present."
 
 @dataclass
 class Generation:
-    """A prompt's continuation: its text, its new token ids, why it stopped ("eos" or "max_new_tokens")."""
+    """A prompt's continuation: its text, its new token ids, why it stopped ("eos", "max_new_tokens", or
+    "max_positions": the model's context is full)."""
 
     text: str
     token_ids: list[int]
@@ -117,6 +118,9 @@ class Generator:
         binding = self._binding(values)
         sequence, new = list(ids), []
         stopped = "max_new_tokens"
+        limit = self._data.task.max_positions  # prompt + continuation fit the model's context
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            max_new_tokens, stopped = limit - len(ids), "max_positions"
         started = time.perf_counter()
         prefill = 0.0
         for _ in range(max_new_tokens):
@@ -154,13 +158,17 @@ class Generator:
     def _prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise InputError("the prompt is empty")
+                raise PromptError("the prompt is empty")
             ids = list(self._data.tokenizer.encode(prompt).ids)
         else:
             text = self._data.render_prompt(prompt)
             ids = list(self._data.tokenizer.encode(text, add_special_tokens=False).ids)
         if not ids:
-            raise InputError(f"the prompt {prompt!r} encodes to no tokens")
+            raise PromptError(f"the prompt {prompt!r} encodes to no tokens")
+        limit = self._data.task.max_positions
+        if limit is not None and len(ids) >= limit:
+            raise PromptError(f"the prompt is {len(ids)} tokens: the model's context is {limit} positions, "
+                              f"so a prompt takes at most {limit - 1}")
         return ids
 
     def _binding(self, values: dict[str, np.ndarray] | None):
