@@ -335,6 +335,44 @@ def test_generation_stops_at_any_stop_id(lm):
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
 
 
+# Mistral-Instruct's template in short (bos and eos tokens, its own error on a turn out of order) and Llama 3.1's
+# date (strftime_now): the variables and functions transformers' `apply_chat_template` gives a template.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% if strftime_now('%Y') | length != 4 %}{{ raise_exception('no date') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_chat_template_renders_as_transformers_renders_it(tmp_path):
+    """bos_token, eos_token, strftime_now and raise_exception: training data and a chat prompt are the tokens
+    `apply_chat_template` gives on the host; the template's own refusal is one DataError naming the line."""
+    from transformers import AutoTokenizer
+
+    source = tiny_lm.make_dir("llama", tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    tokenizer.save_pretrained(source)
+    bundle = tmp_path / "bundle"
+    export(source, bundle, lora=LoraSpec(r=2, target_modules=("q_proj",)), options=ExportOptions(max_length=32))
+    chat = CHAT[1:3]  # user, assistant
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    session = TrainingSession(bundle)
+    with pytest.raises(DataError, match="line 2: .*chat template refuses .*roles must alternate"):
+        session.load_data(path)
+    path.write_text(json.dumps({"messages": chat}) + "\n")
+    data = session.load_data(path)
+    full = tokenizer.apply_chat_template(chat, tokenize=True)
+    assert data.features["input_ids"][0].tolist()[: len(full)] == full and full[0] == tokenizer.bos_token_id
+    scored = tokenizer.convert_ids_to_tokens([t for t in data.labels[0].tolist() if t != IGNORE])
+    assert scored == "i am fine thank you </s>".split()
+    prompt = session.generate(chat[:1], 2)
+    assert prompt.prompt_tokens == len(tokenizer.apply_chat_template(chat[:1], tokenize=True))
+
+
 @pytest.mark.parametrize("family", tiny_lm.FAMILIES)
 def test_generation_stops_where_the_models_context_is_full(lm, family):
     """A prompt and its continuation take at most the model's positions (GPT-2's position table ends there; a

@@ -11,6 +11,7 @@ Labels are the token ids themselves (the graph shifts them), -100 on padding and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -94,15 +95,14 @@ class CausalLMData:
     def encode_chat(self, messages: object, where: str) -> tuple[list[int], list[int]]:
         """Render a conversation with the chat template; labels score the assistant turns only."""
         _check_messages(messages, where)
-        template = self._chat_template(where)
-        text = template.render(messages=messages, add_generation_prompt=False)
+        text = self._render(messages, False, where)
         scored: list[tuple[int, int]] = []  # character spans of the assistant turns
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(template.render(messages=messages[:i], add_generation_prompt=True))
-            end = len(template.render(messages=messages[: i + 1], add_generation_prompt=False))
-            prefix = template.render(messages=messages[: i + 1], add_generation_prompt=False)
+            start = len(self._render(messages[:i], True, where))
+            prefix = self._render(messages[: i + 1], False, where)
+            end = len(prefix)
             if not text.startswith(prefix) or start > end:
                 raise DataError(f"{where}: the bundle's chat template does not render the conversation turn by "
                                 "turn (a prefix changes), so the assistant turns cannot be told apart")  # fmt: skip
@@ -117,25 +117,47 @@ class CausalLMData:
         ]
         return ids, labels
 
+    def _render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+        """The chat template applied as transformers' `apply_chat_template` applies it: with the bundle's special
+        tokens as `bos_token`, `eos_token`, `pad_token`; `raise_exception` and `strftime_now` available."""
+        from jinja2.exceptions import TemplateError
+
+        template = self._chat_template(where)
+        specials = {f"{name}_token": self.tokenizer.id_to_token(getattr(self.task, f"{name}_token_id"))
+                    for name in ("bos", "eos", "pad") if getattr(self.task, f"{name}_token_id") is not None}  # fmt: skip
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        except TemplateError as e:  # the template's own raise_exception, or a variable it needs and lacks
+            raise DataError(f"{where}: the bundle's chat template refuses the conversation: {e}") from None
+
     def _chat_template(self, where: str):
         if self._template is None:
             if not self.task.chat_template:
                 raise DataError(f"{where}: chat messages, but the bundle has no chat template")
+            from datetime import datetime
+
             from jinja2.exceptions import TemplateError
+            from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(message: str) -> None:
                 raise TemplateError(message)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # transformers' settings
+            # transformers' settings and globals (`apply_chat_template`)
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.task.chat_template)
+            env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+            env.filters["tojson"] = _tojson
+            try:
+                self._template = env.from_string(self.task.chat_template)
+            except TemplateError as e:
+                raise BundleError(f"the bundle's chat template is not a valid Jinja template: {e}") from None
         return self._template
 
     def render_prompt(self, messages: list[dict]) -> str:
         """A conversation rendered for the assistant's next turn (generation)."""
         _check_messages(messages, "prompt messages")
-        return self._chat_template("prompt messages").render(messages=messages, add_generation_prompt=True)
+        return self._render(messages, True, "prompt messages")
 
     # ---- batching and scoring ----------------------------------------------------------------------
 
@@ -183,6 +205,12 @@ def _check_messages(messages: object, where: str) -> None:
             message.get("content"), str
         ):
             raise DataError(f"{where}: message {i + 1} must be an object with string `role` and `content`")
+
+
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson` for chat templates: plain JSON, not Jinja's HTML-escaped one."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _read_text(path: Path) -> str:
