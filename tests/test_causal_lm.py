@@ -471,9 +471,15 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
 
     bundle, adapter, report = str(lm["gpt2"][1]), str(tmp_path / "adapter"), str(tmp_path / "eval.json")
     run = CliRunner().invoke
+    train_report = tmp_path / "train.json"
     trained = run(main, ["train", bundle, "--data", str(text_file), "--epochs", "2", "--batch-size", "4",
-                         "--lr", "1e-2", "--adapter-out", adapter])  # fmt: skip
+                         "--lr", "1e-2", "--adapter-out", adapter, "--eval-data", str(text_file),
+                         "--report", str(train_report)])  # fmt: skip
     assert trained.exit_code == 0, trained.output
+    figures = json.loads(train_report.read_text())  # --eval-data: perplexity before and after, in the summary too
+    assert figures["perplexity_after"] < figures["perplexity_before"]
+    assert figures["perplexity_after"] == pytest.approx(math.exp(figures["eval_loss"]))
+    assert f"perplexity {figures['perplexity_before']:.2f} -> {figures['perplexity_after']:.2f}" in trained.output
     evaluated = run(main, ["eval", bundle, "--data", str(text_file), "--adapter", adapter, "--report", report])
     assert evaluated.exit_code == 0 and "perplexity" in evaluated.output
     figures = json.loads(Path(report).read_text())

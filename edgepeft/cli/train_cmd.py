@@ -128,7 +128,7 @@ def train(
         "examples": len(train_set), "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
     }  # fmt: skip
     if held_out is not None:
-        figures["accuracy_before"] = session.evaluate(held_out).accuracy
+        figures.update(_held_out_figures(session.evaluate(held_out), "before"))
     progress = Progress("training")
     try:
         if store:
@@ -146,8 +146,7 @@ def train(
         progress.close()
     figures["session_step"] = session.step
     if held_out is not None:
-        after = session.evaluate(held_out)
-        figures.update(accuracy_after=after.accuracy, eval_loss=after.loss)
+        figures.update(_held_out_figures(session.evaluate(held_out), "after"))
     if adapter_out:
         session.save_adapter(adapter_out)
         figures["adapter_bytes"] = disk_bytes(Path(adapter_out))
@@ -244,11 +243,24 @@ def _store_outcome(figures: dict[str, Any]) -> str:
     return f"adapter {name!r} {verdict}: validation score {best:.4f} {relation} the stored adapter's {incumbent:.4f}"
 
 
+def _held_out_figures(report, when: str) -> dict[str, Any]:
+    """--eval-data's figures before or after training: loss, and accuracy (a classifier) or perplexity (a causal
+    LM); `eval_loss` is the loss after training."""
+    figures = {f"accuracy_{when}": report.accuracy, "eval_loss" if when == "after" else "eval_loss_before": report.loss}
+    if report.perplexity is not None:
+        figures[f"perplexity_{when}"] = report.perplexity
+    return figures
+
+
 def summary(figures: dict[str, Any]) -> str:
     """One line: what the run did, as a person reads it."""
     parts = []
-    if "accuracy_after" in figures and figures["accuracy_after"] is not None:
+    if figures.get("accuracy_after") is not None:
         parts.append(f"accuracy {figures['accuracy_before']:.1%} -> {figures['accuracy_after']:.1%}")
+    elif figures.get("perplexity_after") is not None:
+        parts.append(f"perplexity {figures['perplexity_before']:.2f} -> {figures['perplexity_after']:.2f}")
+    elif figures.get("eval_loss") is not None:
+        parts.append(f"held-out loss {figures['eval_loss_before']:.4f} -> {figures['eval_loss']:.4f}")
     if figures["steps"] and figures["median_step_ms"] is not None:
         ms = figures["median_step_ms"]
         parts.append(f"{figures['steps']} steps, {ms:.{0 if ms >= 10 else 2}f} ms/step (median)")
