@@ -335,6 +335,19 @@ def test_generation_stops_at_any_stop_id(lm):
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
 
 
+def test_a_model_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path):
+    from edgepeft.errors import ExportError
+
+    source = tiny_lm.make_dir("llama", tmp_path / "model")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, bare / name)
+    with pytest.raises(ExportError, match="the tokenizer is missing"):
+        export(bare, tmp_path / "bundle", lora=LoraSpec(r=2, target_modules=("q_proj",)))
+    assert not (tmp_path / "bundle").exists()
+
+
 # Mistral-Instruct's template in short (bos and eos tokens, its own error on a turn out of order) and Llama 3.1's
 # date (strftime_now): the variables and functions transformers' `apply_chat_template` gives a template.
 MISTRAL_TEMPLATE = (

@@ -116,7 +116,12 @@ def example_labels(example: dict[str, torch.Tensor]) -> torch.Tensor:
 def _save_tokenizer(source: Path, out: Path, config):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # transformers fails in many ways (AttributeError, OSError, ValueError) on no tokenizer
+        found = [n for n in ("tokenizer.json", "tokenizer_config.json") if (source / n).is_file()]
+        what = "cannot be loaded" if found else "is missing (no tokenizer.json or tokenizer_config.json)"
+        raise ExportError(f"{source}: the tokenizer {what}: {type(e).__name__}: {e}") from None
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json): the device runtime needs one")
     ends = _model_eos_ids(config)
