@@ -177,8 +177,10 @@ def _stop_token_ids(tokenizer, model) -> list[int]:
 def _task(tokenizer, model, max_length: int) -> dict:
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length < 2:
+        raise ExportError(f"`max_length` {max_length} is too short for a causal LM: a block needs 2 tokens or more")
     if positions and max_length > positions:
-        raise ExportError(f"max_length {max_length} exceeds the model's {positions} positions")
+        raise ExportError(f"`max_length` {max_length} exceeds the model's {positions} positions")
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if tokenizer.pad_token_id is None:
         raise ExportError("the tokenizer has neither a pad nor an eos token: the device cannot pad batches")
