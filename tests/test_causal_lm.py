@@ -335,6 +335,21 @@ def test_generation_stops_at_any_stop_id(lm):
     assert result.stopped == "eos" and result.token_ids == greedy.token_ids[: first + 1]
 
 
+def test_chat_cut_away_by_max_length_is_named_with_its_file_and_the_export_flag(lm, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    bundle = lm["llama"][1]  # max_length 32
+    long = [{"role": "system", "content": "good day " * 20}, *CHAT[1:3]]
+    path = tmp_path / "chat.ndjson"  # .ndjson reads as .jsonl
+    path.write_text(json.dumps({"messages": long}) + "\n")
+    with pytest.raises(DataError, match=f"{path}: nothing to learn from: .* past the bundle's 32 tokens"):
+        TrainingSession(bundle).load_data(path)
+    result = CliRunner().invoke(main, ["train", str(bundle), "--data", str(path)])
+    assert result.exit_code == 1 and "exported with a longer edgepeft export --max-length takes them" in result.output
+
+
 def test_a_model_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path):
     from edgepeft.errors import ExportError
 

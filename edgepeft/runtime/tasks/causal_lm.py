@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
 class CausalLMData:
@@ -75,7 +75,7 @@ class CausalLMData:
                 ids = self.encode_text(text)
                 labels = list(ids)
             examples.append((ids[: self.task.max_length], labels[: self.task.max_length]))
-        return self.pad(examples)
+        return self.pad(examples, str(path))
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a document, with the tokenizer's own specials (bos) and eos appended."""
@@ -161,13 +161,16 @@ class CausalLMData:
 
     # ---- batching and scoring ----------------------------------------------------------------------
 
-    def pad(self, examples: list[tuple[list[int], list[int]]]) -> Dataset:
+    def pad(self, examples: list[tuple[list[int], list[int]]], where: str = "the data") -> Dataset:
         """Right-pad examples to the longest; labels -100 on padding; positions count real tokens."""
         scored = [(ids, targets) for ids, targets in examples if any(t != IGNORE for t in targets[1:])]
-        if len(scored) < len(examples):  # a batch of them alone would have no loss (0 / 0)
-            logger.warning("%d examples have no scored token (after truncation): left out", len(examples) - len(scored))
+        left_out = len(examples) - len(scored)
+        cut = f"the tokens to learn (assistant turns) lie past the bundle's {self.task.max_length} tokens"
+        if left_out and scored:  # a batch of them alone would have no loss (0 / 0)
+            logger.warning("%s: %d of %d examples left out: %s", where, left_out, len(examples), cut)
         if not scored:
-            raise DataError("no token of the data is scored (every label is -100): nothing to learn from")
+            raise DataError(f"{where}: nothing to learn from: in every example {cut} (a bundle exported with a "
+                            "longer `max_length` takes them)")
         examples = scored
         length = max(len(ids) for ids, _ in examples)
         rows = len(examples)
