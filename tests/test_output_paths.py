@@ -198,6 +198,10 @@ def test_every_cli_output_path_keeps_a_users_folder_and_the_bundle(mlp_bundle, u
     for _ in range(2):
         result = runner.invoke(main, [*train, "--report", str(report)])
         assert result.exit_code == 0, result.output
+    same = tmp_path / "same"  # two outputs in one directory: refused before any training, nothing written
+    result = runner.invoke(main, [*train, "--adapter-out", str(same), "--state-out", str(same)])
+    assert result.exit_code == 2 and "--adapter-out and --state-out name the same directory" in result.output
+    assert not same.exists()
     result = runner.invoke(main, [*train, "--adapter-out", str(tmp_path / "adapter")])  # the bundle still works
     assert result.exit_code == 0, result.output
     _bundle_intact(bundle, listing)

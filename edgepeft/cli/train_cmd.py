@@ -163,9 +163,17 @@ def _check_outputs(session, adapter_out, state_out, checkpoint_dir, store) -> No
     from edgepeft.runtime.store import STORE
 
     protect = (session.bundle.path,)
-    for path, kind in ((adapter_out, ADAPTER), (state_out, STATE), (checkpoint_dir, STATE), (store, STORE)):
-        if path:
-            check_output_directory(path, kind, overwrite=True, protect=protect)
+    outputs = {"--adapter-out": (adapter_out, ADAPTER), "--state-out": (state_out, STATE),
+               "--checkpoint-dir": (checkpoint_dir, STATE), "--store": (store, STORE)}  # fmt: skip
+    taken: dict[Path, str] = {}
+    for flag, (path, kind) in outputs.items():
+        if not path:
+            continue
+        check_output_directory(path, kind, overwrite=True, protect=protect)
+        where = Path(path).resolve()
+        if where in taken:
+            raise click.UsageError(f"{taken[where]} and {flag} name the same directory {path}: give each its own")
+        taken[where] = flag
 
 
 def _fit(session, train_set, config, store, name, fraction, eval_every, patience, adapter, progress) -> dict[str, Any]:
