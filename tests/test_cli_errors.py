@@ -212,3 +212,30 @@ def test_export_finds_a_factory_in_the_current_directory(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "bundle" / "manifest.json").is_file() and "KB" in run.stdout
+
+
+def test_a_failure_inside_onnx_runtime_is_one_line_past_its_source_location(runner, mlp_bundle, tmp_path):
+    """ORT's C++ core raises plain RuntimeErrors through pybind: the CLI shows one line, its status and message."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle, bundle)
+    model = onnx.load(bundle / "training_model.onnx")
+    first = next(node for node in model.graph.node if "x" in node.input)
+    first.input[:] = ["x/bad" if name == "x" else name for name in first.input]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 7], np.int64), "bad_shape"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "bad_shape"], ["x/bad"]))  # 16 values a row: fails
+    onnx.save(model, bundle / "training_model.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())  # a graph the bundle's hash vouches for
+    manifest["files"]["training_model.onnx"] = hashlib.sha256((bundle / "training_model.onnx").read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 16), np.float32), labels=np.arange(8) % 4)
+    result = runner.invoke(main, ["train", str(bundle), "--data", str(tmp_path / "d.npz"), "--epochs", "1"])
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert line.startswith("Error: ONNX Runtime failed: ") and "Reshape" in line and "onnxruntime_src" not in line[:80]

@@ -61,10 +61,13 @@ class Command(click.Command):
             group = root if isinstance(root, click.Group) else None
             raise click.ClickException(flag_words(message, self, group)) from None
         except Exception as e:
-            if not type(e).__module__.startswith("onnxruntime"):
+            # ORT's Python classes, and the RuntimeErrors its C++ core raises through pybind ("[ONNXRuntimeError]")
+            if not type(e).__module__.startswith("onnxruntime") and "[ONNXRuntimeError]" not in str(e):
                 raise  # a bug of edgepeft's own: its traceback is what a report needs
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            raise click.ClickException(f"ONNX Runtime failed: {lines[0][:400]}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if "[ONNXRuntimeError]" in first:  # past the C++ source location and the status code
+                first = first.split("[ONNXRuntimeError]", 1)[1].lstrip(" :0123456789")
+            raise click.ClickException(f"ONNX Runtime failed: {first[:400]}") from None
 
 
 def _os_error(error: OSError) -> str:
