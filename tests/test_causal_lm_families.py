@@ -1,5 +1,6 @@
-"""Causal LM families edgepeft names no LoRA targets for (Qwen2, Gemma): LoRA goes on every Linear but the output
-layer (PEFT's "all-linear"), and the bundle trains on the device to the loss PEFT computes on the host."""
+"""Causal LM families edgepeft names no LoRA targets for (Qwen2, Gemma, Falcon with multi-query attention): LoRA goes
+on every Linear but the output layer (PEFT's "all-linear"), and the bundle trains on the device to the loss PEFT
+computes on the host."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from edgepeft.runtime import TrainConfig, TrainingSession
 
 TEXT = "the cat sat on a mat . she said hello world to the dog and he was very happy to see her again . " * 12
 ALL_LINEAR = {"qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+              "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", sorted(ALL_LINEAR))

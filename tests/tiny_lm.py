@@ -40,6 +40,10 @@ def config(family: str):
         return t.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=1, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
                              **ids)  # fmt: skip
+    if family == "falcon":  # multi-query attention (Falcon-7B's layout): one key/value head, broadcast in attention
+        return t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                              new_decoder_architecture=False, multi_query=True, max_position_embeddings=128,
+                              **ids)  # fmt: skip
     if family == "gpt2":
         return t.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, vocab_size=VOCAB, n_positions=128,
                             tie_word_embeddings=True, **ids)  # fmt: skip

@@ -16,6 +16,12 @@ in a way a rewrite does not cover keeps its own forward (and may then fail with 
 
 PyTorch's fused eval-mode attention (`aten::_native_multi_head_attention`, `_transformer_encoder_layer_fwd`)
 has no ONNX export either: it is switched off while tracing.
+
+`F.scaled_dot_product_attention` with fewer key/value heads than query heads (multi-query attention: Falcon-7B's
+layout) relies on broadcasting, and ORT's gradient of that broadcast keeps the query's head count (a Reshape back
+to one head then fails in the first training step). While tracing, the key and value heads are repeated to the
+query's count by concatenation first (its gradient is a split and a sum, whatever the shapes); the result is the
+same.
 """
 
 from __future__ import annotations
@@ -226,18 +232,51 @@ _REWRITES = {
 _ORIGINAL = {cls: cls.forward for cls in _REWRITES}
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., 1, S, D] -> [..., heads, S, D] by concatenation rather than broadcasting."""
+    return torch.cat([x] * heads, dim=-3)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    heads = int(query.shape[-3]) if query.dim() >= 3 else 0
+    if key.dim() == query.dim() >= 3 and int(key.shape[-3]) == 1 < heads:  # one key/value head for all
+        key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+        kwargs.pop("enable_gqa", None)
+    return _SDPA(query, key, value, *args, **kwargs)
+
+
+def _optimum_patcher():
+    """optimum's model patcher, whose SDPA wrapper calls the original it kept at import (None: not installed)."""
+    try:
+        from optimum.exporters.onnx import model_patcher
+    except ImportError:
+        return None
+    return model_patcher if hasattr(model_patcher, "original_scaled_dot_product_attention") else None
+
+
 @contextlib.contextmanager
 def traceable_forwards() -> Iterator[None]:
-    """While tracing: the rewritten forwards above, and torch's fused attention fast path off."""
+    """While tracing: the rewritten forwards above, scaled dot-product attention with its key/value heads repeated
+    to the query's, and torch's fused attention fast path off."""
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     rewrites = {**_REWRITES, **_transformers_rewrites()}
     originals = {cls: cls.forward for cls in rewrites}
     for cls, forward in rewrites.items():
         cls.forward = forward
+    F.scaled_dot_product_attention = _sdpa
+    optimum = _optimum_patcher()  # optimum's exporter puts its own wrapper of the original in F's place
+    if optimum is not None:
+        optimum.original_scaled_dot_product_attention = _sdpa
     try:
         yield
     finally:
+        F.scaled_dot_product_attention = _SDPA
+        if optimum is not None:
+            optimum.original_scaled_dot_product_attention = _SDPA
         for cls, forward in originals.items():
             cls.forward = forward
         torch.backends.mha.set_fastpath_enabled(fast_path)
