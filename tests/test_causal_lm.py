@@ -532,6 +532,8 @@ def test_cli_trains_evaluates_and_generates(lm, text_file, tmp_path):
     assert generated.exit_code == 0 and json.loads(generated.stdout.splitlines()[-1])["text"] == expected
     refused = run(main, ["predict", bundle, "--text", "hello"])
     assert refused.exit_code == 1 and "generate" in refused.output
+    inspected = run(main, ["inspect", bundle])
+    assert "causal_lm: blocks of 32 tokens, context 128 positions, chat template: yes" in inspected.output
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text('{"text": "the cat"}\n')
     refused = run(main, ["predict", bundle, "--data", str(jsonl)])  # refused before the file is read as a classifier's

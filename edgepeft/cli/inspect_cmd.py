@@ -33,6 +33,11 @@ def _inspect_bundle(path: Path) -> None:
     click.echo(f"  inputs:     {', '.join(f'{s.name} {s.dtype}{list(s.shape)}' for s in m.inputs)}")
     click.echo(f"  outputs:    {', '.join(f'{s.name} {s.dtype}{list(s.shape)}' for s in m.outputs)}")
     click.echo(f"  labels:     {', '.join(m.labels) or '-'}")
+    task = m.task
+    if task is not None:  # a causal language model
+        context = f"{task.max_positions} positions" if task.max_positions else "not recorded"
+        click.echo(f"  task:       {task.kind}: blocks of {task.max_length} tokens, context {context}, "
+                   f"chat template: {'yes' if task.chat_template else 'no'}")  # fmt: skip
     click.echo(f"  loss:       {m.loss}   optimizer: {m.optimizer}   backbone: {m.quantization}")
     click.echo(f"  trainable:  {len(m.trainable)} tensors, {m.stats.get('trainable_parameters', 0):,} parameters")
     click.echo(f"  base:       sha256 {m.base_fingerprint[:16]}...")
