@@ -363,15 +363,17 @@ def test_a_model_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
-@pytest.mark.parametrize("length, words", [("1", "too short"), ("129", "exceeds the model's 128 positions")])
-def test_export_names_max_length_in_the_clis_words(tmp_path, length, words):
+@pytest.mark.parametrize("flag, value, words", [("--max-length", "1", "too short"),
+                                                ("--max-length", "129", "exceeds the model's 128 positions"),
+                                                ("--labels", "a,b", "a causal LM predicts tokens")])  # fmt: skip
+def test_export_refuses_a_causal_lm_option_in_the_clis_words(tmp_path, flag, value, words):
     from click.testing import CliRunner
 
     from edgepeft.cli import main
 
     source = tiny_lm.make_dir("llama", tmp_path / "model")
-    result = CliRunner().invoke(main, ["export", str(source), "--out", str(tmp_path / "b"), "--max-length", length])
-    assert result.exit_code == 1 and f"Error: --max-length {length} " in result.output and words in result.output
+    result = CliRunner().invoke(main, ["export", str(source), "--out", str(tmp_path / "b"), flag, value])
+    assert result.exit_code == 1 and f"Error: {flag} " in result.output and words in result.output
     assert not (tmp_path / "b").exists()
 
 

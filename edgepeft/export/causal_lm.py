@@ -79,6 +79,8 @@ def load_causal_lm(source: Path, lora: LoraSpec, options: ExportOptions, out: Pa
 
     Returns the adapted model, example inputs (optimum's input names) and the manifest's task record as a dict.
     """
+    if options.labels:
+        raise ExportError(f"`labels` {list(options.labels)} name a classifier's classes: a causal LM predicts tokens")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
