@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgepeft.cli import main
-from edgepeft.cli.common import Progress, human_size
+from edgepeft.cli.common import Progress, count, human_size
 
 
 @pytest.fixture
@@ -121,6 +121,10 @@ def test_inspect_names_the_corrupted_file(runner, mlp_bundle, tmp_path):
     assert any("inference.onnx" in line and "MISSING" in line for line in lines)
     assert any("training_model.onnx" in line and "CORRUPTED" not in line for line in lines)
     assert lines[-1].startswith("Error: ") and "eval_model.onnx, inference.onnx" in lines[-1]
+
+
+def test_counts_read_in_the_singular_for_one():
+    assert (count(1, "token"), count(0, "token"), count(2, "example")) == ("1 token", "0 tokens", "2 examples")
 
 
 def test_small_sizes_read_in_kb():

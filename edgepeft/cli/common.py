@@ -46,6 +46,11 @@ def write_report(path: str | None, report: dict[str, Any], flag: str = "--report
     tmp.replace(target)
 
 
+def count(n: int, noun: str) -> str:
+    """`1 token`, `2 tokens`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def comma_list(value: str | None) -> tuple[str, ...]:
     """`a, b,c` -> ("a", "b", "c"); None or "" -> ()."""
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from edgepeft.cli.app import Command
-from edgepeft.cli.common import check_report, open_session, write_report
+from edgepeft.cli.common import check_report, count, open_session, write_report
 from edgepeft.cli.data_options import data_options, read_data, read_inputs, text_column_option
 from edgepeft.errors import InputError
 
@@ -42,8 +42,8 @@ def evaluate(
     accuracy = f", accuracy {result.accuracy:.1%}" if result.accuracy is not None else ""
     perplexity = ""
     if result.perplexity is not None:
-        perplexity = f", perplexity {result.perplexity:.3f} ({result.tokens} tokens)"
-    click.echo(f"{result.examples} examples: loss {result.loss:.4f}{accuracy}{perplexity}")
+        perplexity = f", perplexity {result.perplexity:.3f} ({count(result.tokens, 'token')})"
+    click.echo(f"{count(result.examples, 'example')}: loss {result.loss:.4f}{accuracy}{perplexity}")
 
 
 @click.command(cls=Command)

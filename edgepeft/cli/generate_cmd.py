@@ -7,6 +7,7 @@ import json
 import click
 
 from edgepeft.cli.app import Command
+from edgepeft.cli.common import count
 from edgepeft.errors import PromptError
 
 
@@ -60,4 +61,4 @@ def generate(
         return
     click.echo(result.text)
     rate = f", {speed:.1f} tokens/s" if speed else ""
-    click.echo(f"{len(result.token_ids)} tokens ({result.stopped}){rate}", err=True)
+    click.echo(f"{count(len(result.token_ids), 'token')} ({result.stopped}){rate}", err=True)
