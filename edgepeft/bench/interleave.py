@@ -14,7 +14,6 @@ figures line (peak RSS, torch loaded) as every worker does.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,8 +22,6 @@ import time
 from typing import Any
 
 from edgepeft.errors import EdgePeftError
-
-logger = logging.getLogger(__name__)
 
 PREFIX = "@edgepeft-step "
 
@@ -77,20 +74,19 @@ class _Worker:
         self.stderr.close()
 
 
-def interleaved_steps(jobs: dict[str, dict[str, Any]], warmup: int, steps: int,
-                      envs: dict[str, dict[str, str]] | None = None, timeout: float = 3600,
+def interleaved_steps(jobs: dict[str, dict[str, Any]], warmup: int, steps: int, timeout: float = 3600,
                       pause: float = 0.05) -> dict[str, Any]:  # fmt: skip
     """Start a serving worker per job (one after another, each loaded before the next starts), take `warmup`
     untimed and then `steps` timed steps of each, the systems in turn with the order rotating every turn, and
     end them. Each step waits `pause` seconds after the one before: a thread pool spins for a while after its
     work (measured after a SmolLM2 step: ~20 ms of CPU in ORT's, ~10 ms in PyTorch's), and the next system's
-    step should not share the cores with it. Returns each job's final figures with its timed steps' ms (`times_ms`, in the order taken) and
-    the wall-clock time each started (`started_s`)."""
-    base = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    step should not share the cores with it. Returns each job's final figures with its timed steps' ms
+    (`times_ms`, in the order taken) and the wall-clock time each started (`started_s`)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     workers: dict[str, _Worker] = {}
     try:
         for name, job in jobs.items():
-            workers[name] = _Worker(name, job, {**base, **(envs or {}).get(name, {})}, timeout)
+            workers[name] = _Worker(name, job, env, timeout)
         names = list(workers)
         timed: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for turn in range(warmup + steps):

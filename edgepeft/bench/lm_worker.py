@@ -3,9 +3,9 @@
 `lm_train`: training steps on one fixed batch of Emma blocks (edgepeft's runtime on the int8 bundle, or PyTorch
 eager + PEFT on the fp32 model with the same LoRA spec and AdamW), one at a time on demand, so the harness can
 interleave them with the other systems' steps; edgepeft's job then saves the adapter it trained, which the other
-jobs use. `lm_generate`: greedy
-continuations of the prompts with that adapter (edgepeft's KV-cache graph, or transformers' `generate` on the
-PEFT model, KV cache on); new tokens per second over the whole call, prompt included. `lm_perplexity`: the
+jobs use. `lm_generate`: greedy continuations of the prompts with that adapter (edgepeft's KV-cache graph, or
+transformers' `generate` on the PEFT model, KV cache on); new tokens per second over the whole call, prompt
+included. `lm_perplexity`: the
 adapter's perplexity on a text file as the device scores it (the bundle's tokenizer, blocks of max_length).
 """
 
@@ -15,8 +15,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgepeft.bench.config import PYTORCH
 

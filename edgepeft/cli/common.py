@@ -13,7 +13,6 @@ import click
 
 from edgepeft.errors import InputError
 
-
 # The key every report written by `write_report` carries: only a file holding it is replaced by a new report.
 REPORT_MARK = "edgepeft_report"
 
