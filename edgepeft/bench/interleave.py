@@ -8,19 +8,19 @@ systems take turns, step by step, in an order that rotates each turn, so every s
 
 Each worker is `python -m edgepeft.bench.worker JOB` with a serving task (`lm_train`); it answers on stdout with
 lines starting with `PREFIX` (anything else a library prints there is ignored), and at the end prints its JSON
-figures line (peak RSS, torch loaded) as every worker does.
+figures line (peak RSS, torch loaded) as every worker does; a device worker that loaded torch is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from edgepeft.bench.run import device_checked, worker_environment
 from edgepeft.errors import EdgePeftError
 
 PREFIX = "@edgepeft-step "
@@ -35,7 +35,7 @@ class _Worker:
     """One system's serving process: `step()` runs one step there and returns its ms (timed in the worker)."""
 
     def __init__(self, name: str, job: dict[str, Any], env: dict[str, str], timeout: float):
-        self.name, self.timeout = name, timeout
+        self.name, self.job, self.timeout = name, job, timeout
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen([sys.executable, "-m", "edgepeft.bench.worker", json.dumps(job)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
@@ -61,11 +61,11 @@ class _Worker:
         return self._read()
 
     def finish(self) -> dict[str, Any]:
-        """End the worker; its final figures."""
+        """End the worker; its final figures (refused if a device worker loaded torch)."""
         out, _ = self.process.communicate("end\n", timeout=self.timeout)
         if self.process.returncode != 0:
             raise self._failed()
-        return json.loads(out.strip().splitlines()[-1])
+        return device_checked(self.job, json.loads(out.strip().splitlines()[-1]))
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -82,7 +82,7 @@ def interleaved_steps(jobs: dict[str, dict[str, Any]], warmup: int, steps: int, 
     work (measured after a SmolLM2 step: ~20 ms of CPU in ORT's, ~10 ms in PyTorch's), and the next system's
     step should not share the cores with it. Returns each job's final figures with its timed steps' ms
     (`times_ms`, in the order taken) and the wall-clock time each started (`started_s`)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_environment()
     workers: dict[str, _Worker] = {}
     try:
         for name, job in jobs.items():

@@ -37,8 +37,7 @@ def spawn(
 
     `env` is added to this process's environment for it, and the variables named in `unset` are removed.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    env = {name: value for name, value in env.items() if name not in unset}
+    env = worker_environment(env, unset)
     who = job.get("system") or job.get("library", "")
     job = {**job, "spawned": time.time()}
     try:
@@ -51,7 +50,18 @@ def spawn(
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no error output"])[-1]
         raise EdgePeftError(f"benchmark worker {who} {job['task']} failed: {last}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return device_checked(job, json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def worker_environment(env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> dict[str, str]:
+    """A worker process's environment: this one's, offline, without tokenizers' fork warning, plus `env`, less
+    the variables named in `unset`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return {name: value for name, value in env.items() if name not in unset}
+
+
+def device_checked(job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """`result`, refused if an ONNX Runtime system's worker loaded torch (a device has none)."""
     if QUANTIZATION.get(job.get("system")) is not None and result["torch_loaded"]:
         raise EdgePeftError(f"the {job['system']} worker loaded torch: its figures would not be a device's")
     return result
