@@ -118,15 +118,12 @@ class CausalLMData:
         return ids, labels
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
-        """The chat template applied as transformers' `apply_chat_template` applies it: with the bundle's special
-        tokens as `bos_token`, `eos_token`, `pad_token`; `raise_exception` and `strftime_now` available."""
+        """The chat template applied as transformers' `apply_chat_template` applies it (`_chat_template`)."""
         from jinja2.exceptions import TemplateError
 
         template = self._chat_template(where)
-        specials = {f"{name}_token": self.tokenizer.id_to_token(getattr(self.task, f"{name}_token_id"))
-                    for name in ("bos", "eos", "pad") if getattr(self.task, f"{name}_token_id") is not None}  # fmt: skip
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as e:  # the template's own raise_exception, or a variable it needs and lacks
             raise DataError(f"{where}: the bundle's chat template refuses the conversation: {e}") from None
 
@@ -143,10 +140,15 @@ class CausalLMData:
             def raise_exception(message: str) -> None:
                 raise TemplateError(message)
 
-            # transformers' settings and globals (`apply_chat_template`)
+            # transformers' settings and globals (`apply_chat_template`): the bundle's special tokens as `bos_token`,
+            # `eos_token`, `pad_token`; `raise_exception`, `strftime_now`, its `tojson`; loop controls
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+            for name in ("bos", "eos", "pad"):
+                token_id = getattr(self.task, f"{name}_token_id")
+                if token_id is not None:
+                    env.globals[f"{name}_token"] = self.tokenizer.id_to_token(token_id)
             env.filters["tojson"] = _tojson
             try:
                 self._template = env.from_string(self.task.chat_template)
