@@ -241,8 +241,8 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    heads = int(query.shape[-3]) if query.dim() >= 3 else 0
-    if key.dim() == query.dim() >= 3 and int(key.shape[-3]) == 1 < heads:  # one key/value head for all
+    if key.dim() == query.dim() >= 3 and key.shape[-3] == 1 < query.shape[-3]:  # one key/value head for all
+        heads = int(query.shape[-3])
         key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
         kwargs.pop("enable_gqa", None)
     return _SDPA(query, key, value, *args, **kwargs)
